@@ -1,0 +1,5 @@
+"""The one exception type users see for bad files, keys, shapes, values and arguments."""
+
+
+class FuselmError(ValueError):
+    """A user-facing error: the message names the file, tensor or key and what was expected."""

@@ -1,0 +1,81 @@
+"""The one Transformer for llama, chameleon and falcon, switched by ModelConfig. It never parses files."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from .cache import KVCache
+from .layers import Block, make_norm
+from .rope import RopeSpec, normalize_rope_scaling, rope_cos_sin, rope_frequencies
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig, qk_norm_groups: tuple[int, int] | None = None):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, qk_norm_groups) for _ in range(config.num_hidden_layers))
+        self.norm = make_norm(config)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
+                                                                         bias=False)
+        self.rope = RopeSpec(head_dim=config.head_dim, base=config.rope_theta,
+                             max_position_embeddings=config.max_position_embeddings,
+                             scaling=normalize_rope_scaling(config.rope_scaling))
+        self._rope_cache: tuple[int | None, torch.Tensor, float] | None = None
+
+    def _frequencies(self, seq_len: int) -> tuple[torch.Tensor, float]:
+        # Only dynamic NTK depends on the length; everything else is computed once.
+        dynamic = (self.rope.scaling or {}).get("rope_type") == "dynamic"
+        key = seq_len if dynamic else None
+        if self._rope_cache is None or self._rope_cache[0] != key:
+            inv_freq, factor = rope_frequencies(self.rope, seq_len if dynamic else None)
+            self._rope_cache = (key, inv_freq, factor)
+        return self._rope_cache[1], self._rope_cache[2]
+
+    def output_weight(self) -> torch.Tensor | nn.Module:
+        return self.embed.weight if self.lm_head is None else self.lm_head
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """tokens [B, T] -> float32 logits [B, T, vocab] (or [B, 1, vocab] with last_only).
+
+        Without a cache this is a full causal forward. With one, the tokens continue the cached sequence.
+        """
+        B, T = tokens.shape
+        start = 0 if cache is None else cache.length
+        if cache is not None:
+            cache.check_room(T)
+        positions = torch.arange(start, start + T, device=tokens.device)
+        mask = None
+        if cache is not None:
+            pad = cache.pad.to(tokens.device)
+            positions = (positions[None, :] - pad[:, None]).clamp(min=0)
+            if T > 1 or bool((pad > 0).any()):
+                mask = _cache_mask(start, T, pad)
+        inv_freq, attn_factor = self._frequencies(start + T)
+        x = self.embed(tokens)
+        cos, sin = rope_cos_sin(inv_freq.to(tokens.device), positions, attn_factor, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, None if cache is None else cache.layers[i], mask)
+        if cache is not None:
+            cache.length += T
+        if last_only:
+            x = x[:, -1:]
+        x = self.norm(x)
+        if self.lm_head is None:
+            logits = x @ self.embed.weight.T
+        else:
+            logits = self.lm_head(x)
+        return logits.float()
+
+
+def _cache_mask(start: int, T: int, pad: torch.Tensor) -> torch.Tensor:
+    """Boolean [B, 1, T, start+T]: causal, minus each row's left padding (a padded query sees itself)."""
+    keys = torch.arange(start + T, device=pad.device)
+    queries = torch.arange(start, start + T, device=pad.device)
+    causal = keys[None, :] <= queries[:, None]
+    not_pad = keys[None, None, :] >= pad[:, None, None]
+    itself = keys[None, :] == queries[:, None]
+    return ((causal[None] & not_pad) | itself[None])[:, None]

@@ -1,0 +1,82 @@
+"""Text tokenizer: HF tokenizer.json through the `tokenizers` library, plus its chat template."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tokenizers import Tokenizer as _HFTokenizer
+
+from .errors import FuselmError
+
+
+class Tokenizer:
+    def __init__(self, backend: _HFTokenizer, *, bos_token: str | None = None, eos_token: str | None = None,
+                 chat_template: str | None = None, add_bos: bool | None = None, source: str = "tokenizer"):
+        self.backend = backend
+        self.source = source
+        self.bos_token, self.eos_token = bos_token, eos_token
+        self.bos_id = self.token_to_id(bos_token) if bos_token else None
+        self.eos_id = self.token_to_id(eos_token) if eos_token else None
+        self.chat_template = chat_template
+        # Whether encode() should prepend BOS when the backend's post-processor does not already do it.
+        self.add_bos = add_bos
+
+    @classmethod
+    def from_file(cls, path: Path, config_path: Path | None = None) -> Tokenizer:
+        path = Path(path)
+        try:
+            backend = _HFTokenizer.from_file(str(path))
+        except Exception as err:  # tokenizers raises a bare Exception on bad files
+            raise FuselmError(f"{path}: cannot read tokenizer ({err})") from None
+        cfg: dict = {}
+        if config_path is not None and Path(config_path).is_file():
+            try:
+                cfg = json.loads(Path(config_path).read_text(encoding="utf-8"))
+            except json.JSONDecodeError as err:
+                raise FuselmError(f"{config_path}: not valid JSON ({err})") from None
+
+        def token_str(value):
+            return value.get("content") if isinstance(value, dict) else value
+
+        template = cfg.get("chat_template")
+        if isinstance(template, list):  # HF allows named templates; take "default"
+            named = {t.get("name"): t.get("template") for t in template}
+            template = named.get("default") or next(iter(named.values()), None)
+        return cls(backend, bos_token=token_str(cfg.get("bos_token")), eos_token=token_str(cfg.get("eos_token")),
+                   chat_template=template, add_bos=cfg.get("add_bos_token"), source=str(path))
+
+    @classmethod
+    def from_dir(cls, directory: Path) -> Tokenizer | None:
+        directory = Path(directory)
+        if not (directory / "tokenizer.json").is_file():
+            return None
+        return cls.from_file(directory / "tokenizer.json", directory / "tokenizer_config.json")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def vocab(self) -> dict[str, int]:
+        return self.backend.get_vocab(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int:
+        i = self.backend.token_to_id(token)
+        if i is None:
+            raise FuselmError(f"{self.source}: token {token!r} is not in the vocabulary")
+        return i
+
+    def find_token(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def id_to_token(self, i: int) -> str | None:
+        return self.backend.id_to_token(i)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        if add_special_tokens and self.add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+            ids = [self.bos_id, *ids]
+        return ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
