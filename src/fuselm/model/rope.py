@@ -286,21 +286,19 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, attention_fact
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x [B, H, T, D] by cos/sin [T, R] or [B, T, R] (rotate-half layout; R <= D, the rest passes through).
 
-    Equal, bit for bit, to HF's `x * cos + rotate_half(x) * sin`, without building rotate_half(x).
+    HF's `x * cos + rotate_half(x) * sin`, bit for bit. Measured here it is as fast as or faster than the
+    half-split form (x1*c - x2*s, x2*c + x1*s): fewer kernels at decode, and no slower at prefill.
     """
     if cos.dim() == 3:
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, T, R] broadcasts over heads
-    r = cos.shape[-1]
-    if r > x.shape[-1] or r % 2:
-        raise FuselmError(f"apply_rope: cos/sin have {r} rotary dims for a head of {x.shape[-1]}; expected an even "
+    r, d = cos.shape[-1], x.shape[-1]
+    if r > d or r % 2:
+        raise FuselmError(f"apply_rope: cos/sin have {r} rotary dims for a head of {d}; expected an even "
                           "number <= head_dim")
     h = r // 2
-    c, s = cos[..., :h], sin[..., :h]  # the two halves of cos/sin are equal by construction
-    x1, x2 = x[..., :h], x[..., h:r]
-    parts = [x1 * c - x2 * s, x2 * c + x1 * s]
-    if r < x.shape[-1]:
-        parts.append(x[..., r:])
-    return torch.cat(parts, dim=-1)
+    rot = x if r == d else x[..., :r]
+    out = rot * cos + torch.cat((-rot[..., h:], rot[..., :h]), dim=-1) * sin
+    return out if r == d else torch.cat((out, x[..., r:]), dim=-1)
 
 
 def rope_freq_factors(spec: RopeSpec) -> torch.Tensor | None:

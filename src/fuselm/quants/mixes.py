@@ -40,6 +40,14 @@ ARCHS = ("llama", "falcon", "chameleon")
 FLOAT_TYPES = frozenset({"F32", "F16", "BF16"})
 
 
+def block_size(type_: str) -> int:
+    """Elements per block of a GGML type name ("Q4_K" -> 256)."""
+    try:
+        return GGML_QUANT_SIZES[GGMLQuantizationType[type_]][0]
+    except KeyError:
+        raise FuselmError(f"unknown GGML type {type_!r}") from None
+
+
 # ---------------------------------------------------------------- where a tensor sits, and predicates over it
 
 
@@ -271,8 +279,11 @@ FALLBACK: Mapping[str, str] = {
 _KEEP_SUBSTRINGS = (
     "_norm.weight", "ffn_gate_inp.weight", "ffn_gate_tid2eid.weight", "altup", "laurel", "per_layer_model_proj",
     "ssm_conv1d", "shortconv.conv.weight", "indexer.k_proj.weight", "indexer.q_proj.weight",
-    *(f"time_mix_{s}.weight" for s in
-      ("first", "w0", "w1", "w2", "v0", "v1", "v2", "a0", "a1", "a2", "g1", "g2", "decay_w1", "decay_w2", "lerp_fused")),
+    *(
+        f"time_mix_{s}.weight"
+        for s in ("first", "w0", "w1", "w2", "v0", "v1", "v2", "a0", "a1", "a2", "g1", "g2", "decay_w1", "decay_w2")
+    ),
+    "time_mix_lerp_fused.weight",
     "attn_rel_b.weight", ".position_embd", "sam.pos_embd", "sam.neck.", "sam.net_", ".rel_pos", ".patch_embd",
     ".patch_merger", "a.rvq.codebook", "mm.a.code_embd",
 )
@@ -291,14 +302,6 @@ class TypeChoice:
     type: str
     intended: str
     reason: str | None = None
-
-
-def block_size(type_: str) -> int:
-    """Elements per block of a GGML type name ("Q4_K" -> 256)."""
-    try:
-        return GGML_QUANT_SIZES[GGMLQuantizationType[type_]][0]
-    except KeyError:
-        raise FuselmError(f"unknown GGML type {type_!r}") from None
 
 
 def ggml_type_name(type_: str) -> str:

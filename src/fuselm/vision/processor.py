@@ -96,6 +96,8 @@ class ImageProcessor:
             return self._check_tensor(images)
         if isinstance(images, Image.Image):
             images = [images]
+        if isinstance(images, (str, Path)):
+            raise FuselmError(f"ImageProcessor.preprocess: got a path ({images}); open it with open_image() first")
         if not isinstance(images, Sequence) or not images:
             raise FuselmError("ImageProcessor.preprocess: expected a non-empty list of PIL images or a float "
                               f"tensor [B, 3, {self.size}, {self.size}], got {type(images).__name__}")

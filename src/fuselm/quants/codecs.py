@@ -1,0 +1,140 @@
+"""The codec table and the public quantize / dequantize / unpack over [rows, cols] tensors.
+
+Every codec works on flat blocks: quantize maps float32 [N, block] to bytes [N, type_size], unpack maps
+bytes back to codes and scales. Rows are processed in chunks so that the search buffers stay small.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fuselm.errors import FuselmError
+from fuselm.quants import iq4nl, kquants, legacy, plain
+from fuselm.quants.ggml_types import ggml_type, row_bytes
+from fuselm.quants.unpacked import Unpacked
+
+
+@dataclass(frozen=True)
+class Codec:
+    quantize: Callable[[torch.Tensor], torch.Tensor]  # float32 blocks [N, block] -> uint8 [N, type_size]
+    unpack: Callable[[torch.Tensor], Unpacked] | None  # uint8 [N, type_size] -> codes/scales per block
+    dequantize: Callable[[torch.Tensor], torch.Tensor] | None = None  # element-wise types only
+    chunk_elems: int = 1 << 20  # elements per quantize chunk (search buffers scale with it)
+
+
+CODECS: dict[str, Codec] = {
+    "F32": Codec(plain.quantize_f32, None, plain.dequantize_f32),
+    "F16": Codec(plain.quantize_f16, None, plain.dequantize_f16),
+    "BF16": Codec(plain.quantize_bf16, None, plain.dequantize_bf16),
+    "Q4_0": Codec(legacy.quantize_q4_0, legacy.unpack_q4_0),
+    "Q4_1": Codec(legacy.quantize_q4_1, legacy.unpack_q4_1),
+    "Q5_0": Codec(legacy.quantize_q5_0, legacy.unpack_q5_0),
+    "Q5_1": Codec(legacy.quantize_q5_1, legacy.unpack_q5_1),
+    "Q8_0": Codec(legacy.quantize_q8_0, legacy.unpack_q8_0),
+    "Q2_K": Codec(kquants.quantize_q2_k, kquants.unpack_q2_k, chunk_elems=1 << 16),
+    "Q3_K": Codec(kquants.quantize_q3_k, kquants.unpack_q3_k, chunk_elems=1 << 17),
+    "Q4_K": Codec(kquants.quantize_q4_k, kquants.unpack_q4_k, chunk_elems=1 << 15),
+    "Q5_K": Codec(kquants.quantize_q5_k, kquants.unpack_q5_k, chunk_elems=1 << 15),
+    "Q6_K": Codec(kquants.quantize_q6_k, kquants.unpack_q6_k, chunk_elems=1 << 16),
+    "IQ4_NL": Codec(iq4nl.quantize_iq4_nl, iq4nl.unpack_iq4_nl, chunk_elems=1 << 16),
+    "IQ4_XS": Codec(iq4nl.quantize_iq4_xs, iq4nl.unpack_iq4_xs, chunk_elems=1 << 16),
+}
+
+
+def _codec(type: str) -> tuple[str, Codec]:
+    name = ggml_type(type).name
+    return name, CODECS[name]
+
+
+def _as_float_matrix(x: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
+    x = torch.as_tensor(x)
+    if x.ndim != 2:
+        raise FuselmError(f"tensor {name!r}: expected a 2-D [rows, cols] tensor to quantize, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise FuselmError(f"tensor {name!r}: expected a floating-point tensor to quantize, got {x.dtype}")
+    return x.detach().to("cpu", torch.float32).contiguous()
+
+
+def quantize(x: torch.Tensor, type: str, *, name: str = "tensor") -> torch.Tensor:
+    """Quantize x [rows, cols] to GGML `type`: uint8 [rows, row_bytes], byte for byte what llama.cpp's
+    ggml_quantize_chunk (no importance matrix) writes.
+
+    Raises FuselmError for an unknown type, cols not a multiple of the block size, or NaN/Inf values.
+    """
+    tname, codec = _codec(type)
+    x = _as_float_matrix(x, name)
+    rows, cols = x.shape
+    block = ggml_type(tname).block_size
+    if cols % block:
+        raise FuselmError(
+            f"tensor {name!r}: row length {cols} is not a multiple of the {tname} block size {block}"
+        )
+    if not bool(torch.isfinite(x).all()):
+        raise FuselmError(f"tensor {name!r}: contains NaN or Inf values, cannot quantize to {tname}")
+    out = torch.empty((rows, row_bytes(tname, cols)), dtype=torch.uint8)
+    if block == 1:
+        return codec.quantize(x) if rows else out
+    step = max(1, codec.chunk_elems // cols)
+    for r0 in range(0, rows, step):
+        chunk = x[r0 : r0 + step]
+        out[r0 : r0 + step] = codec.quantize(chunk.reshape(-1, block)).reshape(chunk.shape[0], -1)
+    return out
+
+
+def _as_bytes(data: torch.Tensor | np.ndarray, type: str, shape: tuple[int, int]) -> torch.Tensor:
+    rows, cols = shape
+    nbytes = rows * row_bytes(type, cols)
+    if isinstance(data, torch.Tensor):
+        flat = data.detach().cpu().contiguous().view(torch.uint8).reshape(-1)
+    else:
+        arr = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
+        flat = torch.from_numpy(arr if arr.flags.writeable else arr.copy())
+    if flat.numel() != nbytes:
+        raise FuselmError(f"{type} data of shape {tuple(shape)}: expected {nbytes} bytes, got {flat.numel()}")
+    return flat.reshape(rows, -1)
+
+
+def unpack(data: torch.Tensor | np.ndarray, type: str, shape: tuple[int, int]) -> Unpacked:
+    """Decode block-scaled data to integer codes and per-group scales (see Unpacked for the exact form).
+
+    Per type: Q4_0/Q5_0/Q8_0 codes int8 (q - 8 / q - 16 / q), group 32, no min; Q4_1/Q5_1 codes uint8, min = -m;
+    Q2_K codes uint8 0..3, group 16, min; Q3_K codes int8 -4..3, group 16; Q4_K/Q5_K codes uint8 0..15 / 0..31,
+    group 32, min; Q6_K codes int8 -32..31, group 16; IQ4_NL/IQ4_XS codes are the int8 codebook values
+    (kvalues_iq4nl), group 32. In all cases w = scale * codes - min.
+    """
+    tname, codec = _codec(type)
+    if codec.unpack is None:
+        raise FuselmError(f"{tname} is an element-wise type with no codes and scales; use dequantize")
+    rows, cols = shape
+    t = ggml_type(tname)
+    blocks = _as_bytes(data, tname, shape).reshape(-1, t.type_size)
+    u = codec.unpack(blocks)
+    per_row = cols // u.group
+    return Unpacked(
+        u.codes.reshape(rows, cols),
+        u.scale.reshape(rows, per_row),
+        None if u.min is None else u.min.reshape(rows, per_row),
+        u.group,
+    )
+
+
+def dequantize(data: torch.Tensor | np.ndarray, type: str, shape: tuple[int, int]) -> torch.Tensor:
+    """GGML bytes [rows, row_bytes] (tensor, numpy array or memmap) -> float32 [rows, cols].
+
+    Equal, bit for bit, to gguf-py's gguf.quants.dequantize.
+    """
+    tname, codec = _codec(type)
+    rows, cols = shape
+    data = _as_bytes(data, tname, shape)
+    if codec.dequantize is not None:
+        return codec.dequantize(data).reshape(rows, cols)
+    out = torch.empty((rows, cols), dtype=torch.float32)
+    step = max(1, (1 << 22) // max(cols, 1))
+    for r0 in range(0, rows, step):
+        part = data[r0 : r0 + step]
+        out[r0 : r0 + step] = unpack(part, tname, (part.shape[0], cols)).dequantize()
+    return out
