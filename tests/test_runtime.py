@@ -6,8 +6,8 @@ import json
 import shutil
 
 import pytest
-import torch
 import tiny_hf
+import torch
 from safetensors.torch import load_file, save_file
 
 import fuselm
@@ -53,8 +53,12 @@ def test_grouped_qk_norm_equals_per_head(model_dirs, tmp_path):
     for d in (per_head_dir, grouped_dir):
         shutil.copytree(src, d)
     save_file(tensors, per_head_dir / "model.safetensors")
-    regrouped = {k: (v[:: v.shape[0] // (2 if ".q_norm." in k else 1)].contiguous() if "_norm." in k and "self_attn" in k else v)
-                 for k, v in tensors.items()}
+    def first_of_each_group(k, v):
+        if "self_attn" in k and "_norm." in k:
+            return v[:: v.shape[0] // (2 if ".q_norm." in k else 1)].contiguous()
+        return v
+
+    regrouped = {k: first_of_each_group(k, v) for k, v in tensors.items()}
     save_file(regrouped, grouped_dir / "model.safetensors")
     ids = torch.randint(0, tiny_hf.VOCAB, (2, 13))
     a, b = fuselm.load(per_head_dir)(ids), fuselm.load(grouped_dir)(ids)

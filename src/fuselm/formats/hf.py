@@ -152,7 +152,8 @@ def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata:
     items = [(k, v.detach().contiguous()) for k, v in tensors.items()]
     for name, t in items:
         nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
