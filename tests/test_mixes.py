@@ -111,7 +111,7 @@ MODELS = {
     # GQA 4 (Q2_K attn_v -> Q4_K), 16 layers so n/16 and n/8 both pick layers
     "llama": llama_like("llama", 16, 256, 8, 2, 512),
     # no GQA, tied embeddings (token_embd follows the output rule), 2-D q/k norms
-    "chameleon": llama_like("chameleon", 8, 256, 4, 4, 768, tied=True),
+    "chameleon": llama_like("chameleon", 8, 256, 4, 4, 512, tied=True),
     # Falcon-7B-shaped: width 320 = 1.25*256 like 4544 = 17.75*256, multi-query, n_ff = 4*hidden (a multiple of 256)
     "falcon-7b": falcon_like(16, 320, 10, 1, norm_2=False, tied=True),
     # Falcon-40B-style: attn_norm_2, grouped kv heads, untied output
@@ -123,7 +123,8 @@ MODELS = {
 }
 ALL_FTYPES = list(FTYPES)  # the 16 llama-quantize file types of the issue, plus F32
 CASES = [(m, f, "") for m in ("llama", "chameleon", "falcon-7b", "falcon-40b") for f in ALL_FTYPES]
-CASES += [(m, f, v) for m in ("llama", "falcon-7b") for f in ("Q4_K_M", "Q3_K_M", "Q4_0") for v in ("pure", "leave")]
+# --pure skips the mix but not the fallback; --leave-output-tensor keeps output.weight F32
+CASES += [(m, f, v) for m in ("llama", "falcon-7b") for f, v in (("Q4_K_M", "pure"), ("Q3_K_M", "pure"), ("Q4_0", "leave"))]
 CASES += [(m, f, "") for m in ("llama-70b", "llama-8x") for f in ("Q2_K", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M")]
 CASES += [("llama-8x", "Q8_0", ""), ("llama-8x", "Q4_K_M", "pure")]
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
+import gguf
+import numpy as np
 import torch
 
 from ..config import ModelConfig
 from ..errors import FuselmError
+from ..model.rope import RopeSpec, rope_base_from_gguf, rope_scaling_from_gguf, rope_scaling_gguf_keys
 from .tensors import _rename
 
 # ---------------------------------------------------------------- GGUF name tables (llama.cpp's names)
@@ -120,3 +123,204 @@ def gguf_to_internal(config: ModelConfig, tensors: Mapping[str, torch.Tensor],
                 heads = config.num_attention_heads if m.group(1) == "q" else config.num_key_value_heads
                 out[name] = unpermute_from_interleaved_rope(t, heads)
     return out
+
+
+# ---------------------------------------------------------------- GGUF metadata (llama.cpp's keys)
+#
+# The keys llama.cpp's convert_hf_to_gguf.py writes and llama-model.cpp reads, per arch. Values are plain Python:
+# int -> UINT32, float -> FLOAT32, bool -> BOOL, str -> STRING (llama.cpp checks key types when it loads).
+# llama.cpp has no key for everything fuselm needs; those live under `fuselm.*` and llama.cpp ignores them:
+#   fuselm.flashnorm          bool  norm weights are folded into the following linears (they may be absent)
+#   fuselm.eos_token_ids      array every end-of-sequence id when there is more than one (llama.cpp keeps one)
+#   fuselm.qk_norm_epsilon    float qk-norm eps when it is not llama.cpp's hard-coded 1e-5
+#   fuselm.rope.*             rope scaling that llama.cpp cannot express (model/rope.py writes and reads them)
+# Things llama.cpp infers from tensors rather than keys are read back the same way: tied embeddings (no
+# output.weight), biases, and Falcon-40B's second norm (blk.N.attn_norm_2).
+
+_MISSING = object()
+FLASHNORM_KEY = "fuselm.flashnorm"
+EOS_IDS_KEY = "fuselm.eos_token_ids"
+QK_NORM_EPS_KEY = "fuselm.qk_norm_epsilon"
+_TORCH_QK_NORM_EPS = 1e-5  # llama.cpp's chameleon hard-codes it (and so does HF)
+
+
+def _arch_key(template: str, arch: str) -> str:
+    return template.format(arch=arch)
+
+
+def _check_gguf_expressible(config: ModelConfig) -> None:
+    """llama.cpp's graphs are fixed per arch; refuse configs it would silently run differently."""
+    c, problems = config, []
+    if c.arch not in GGUF_PERMUTES_QK:
+        problems.append(f"arch {c.arch!r} has no llama.cpp architecture")
+    elif c.arch == "falcon":
+        if c.norm_kind != "layer" or c.mlp_kind != "gelu" or not c.norm_bias:
+            problems.append("falcon needs LayerNorm with bias and a GELU MLP")
+        if c.block_kind != "parallel":
+            problems.append("llama.cpp's falcon architecture has only the parallel (parallel_attn=true) block")
+        if c.qk_norm:
+            problems.append("llama.cpp's falcon has no qk-norm")
+    else:
+        if c.norm_kind != "rms" or c.mlp_kind != "swiglu" or c.norm_bias:
+            problems.append(f"{c.arch} needs RMSNorm without bias and a SwiGLU MLP")
+        if c.block_kind == "parallel" or (c.block_kind == "swin_norm" and c.arch != "chameleon"):
+            problems.append(f"llama.cpp's {c.arch} has no {c.block_kind} block")
+        if c.qk_norm != (c.arch == "chameleon"):
+            problems.append("qk-norm is part of llama.cpp's chameleon and absent from its llama")
+    if problems:
+        raise FuselmError("config cannot be written as GGUF: " + "; ".join(problems))
+
+
+def config_to_gguf_metadata(config: ModelConfig) -> dict[str, bool | int | float | str | list]:
+    """ModelConfig -> GGUF metadata with llama.cpp's keys (plus fuselm.* where llama.cpp has none).
+
+    Special token ids go under tokenizer.ggml.*; the token list itself comes from formats/gguf_vocab.py.
+    """
+    _check_gguf_expressible(config)
+    c, a = config, config.arch
+    md: dict[str, bool | int | float | str | list] = {
+        gguf.Keys.General.ARCHITECTURE: a,
+        _arch_key(gguf.Keys.LLM.CONTEXT_LENGTH, a): c.max_position_embeddings,
+        _arch_key(gguf.Keys.LLM.EMBEDDING_LENGTH, a): c.hidden_size,
+        _arch_key(gguf.Keys.LLM.BLOCK_COUNT, a): c.num_hidden_layers,
+        _arch_key(gguf.Keys.LLM.FEED_FORWARD_LENGTH, a): c.intermediate_size,
+        _arch_key(gguf.Keys.Attention.HEAD_COUNT, a): c.num_attention_heads,
+        _arch_key(gguf.Keys.Attention.HEAD_COUNT_KV, a): c.num_key_value_heads,
+        _arch_key(gguf.Keys.LLM.VOCAB_SIZE, a): c.vocab_size,
+        _arch_key(gguf.Keys.Rope.DIMENSION_COUNT, a): c.head_dim,
+    }
+    if a == "falcon":
+        md[_arch_key(gguf.Keys.Attention.LAYERNORM_EPS, a)] = float(c.norm_eps)
+        md[_arch_key(gguf.Keys.LLM.TENSOR_DATA_LAYOUT, a)] = "jploski"  # q, k, v concatenated (as the converter)
+    else:
+        md[_arch_key(gguf.Keys.Attention.LAYERNORM_RMS_EPS, a)] = float(c.norm_eps)
+    if a == "chameleon":
+        md[_arch_key(gguf.Keys.LLM.SWIN_NORM, a)] = c.block_kind == "swin_norm"
+    if c.head_dim * c.num_attention_heads != c.hidden_size:
+        md[_arch_key(gguf.Keys.Attention.KEY_LENGTH, a)] = c.head_dim
+        md[_arch_key(gguf.Keys.Attention.VALUE_LENGTH, a)] = c.head_dim
+    spec = RopeSpec(head_dim=c.head_dim, base=float(c.rope_theta), max_position_embeddings=c.max_position_embeddings,
+                    scaling=c.rope_scaling)
+    md.update(rope_scaling_gguf_keys(spec, a))
+    if c.flashnorm:
+        md[FLASHNORM_KEY] = True
+    if c.qk_norm and c.qk_norm_eps != _TORCH_QK_NORM_EPS:
+        md[QK_NORM_EPS_KEY] = float(c.qk_norm_eps)
+    for key, value in ((gguf.Keys.Tokenizer.BOS_ID, c.bos_token_id), (gguf.Keys.Tokenizer.PAD_ID, c.pad_token_id),
+                       (gguf.Keys.Tokenizer.EOS_ID, c.eos_token_ids[0] if c.eos_token_ids else None)):
+        if value is not None:
+            md[key] = int(value)
+    if len(c.eos_token_ids) > 1:
+        md[EOS_IDS_KEY] = [int(i) for i in c.eos_token_ids]
+    return md
+
+
+def _single(value, key: str, source: str) -> int:
+    """llama.cpp allows per-layer arrays for head counts and ffn length; fuselm needs them uniform."""
+    if isinstance(value, (list, tuple, np.ndarray)):
+        values = {int(v) for v in value}
+        if len(values) != 1:
+            raise FuselmError(f"{source}: key {key!r} varies per layer ({sorted(values)}); fuselm needs one value")
+        return values.pop()
+    return int(value)
+
+
+def config_from_gguf(metadata: Mapping, source: str, tensors: Mapping[str, tuple] | Iterable[str] = ()) -> ModelConfig:
+    """GGUF metadata (+ tensor names, or name -> shape) -> ModelConfig. Missing keys raise FuselmError.
+
+    Tensor names decide what llama.cpp decides from tensors too: output.weight absent -> tied embeddings; biases;
+    Falcon-40B style (a second norm per layer, blk.N.attn_norm_2) versus Falcon-7B style.
+    """
+    def get(key: str, default=_MISSING):
+        if key in metadata and metadata[key] is not None:
+            return metadata[key]
+        if default is _MISSING:
+            raise FuselmError(f"{source}: missing required GGUF key {key!r}")
+        return default
+
+    arch = get(gguf.Keys.General.ARCHITECTURE)
+    if arch not in GGUF_PERMUTES_QK:
+        raise FuselmError(f"{source}: GGUF architecture {arch!r} is not supported; expected one of "
+                          f"{', '.join(GGUF_PERMUTES_QK)}")
+    names = set(tensors)
+    shapes = tensors if isinstance(tensors, Mapping) else {}
+
+    def key(template: str) -> str:
+        return _arch_key(template, arch)
+
+    hidden = int(get(key(gguf.Keys.LLM.EMBEDDING_LENGTH)))
+    heads = _single(get(key(gguf.Keys.Attention.HEAD_COUNT)), key(gguf.Keys.Attention.HEAD_COUNT), source)
+    kv_heads = _single(get(key(gguf.Keys.Attention.HEAD_COUNT_KV), heads), key(gguf.Keys.Attention.HEAD_COUNT_KV),
+                       source)
+    head_dim = int(get(key(gguf.Keys.Attention.KEY_LENGTH), hidden // heads))
+    rope_dims = int(get(key(gguf.Keys.Rope.DIMENSION_COUNT), head_dim))
+    if rope_dims != head_dim:
+        raise FuselmError(f"{source}: key {key(gguf.Keys.Rope.DIMENSION_COUNT)!r} is {rope_dims}; fuselm supports "
+                          f"only full rotary embeddings (= head_dim {head_dim})")
+    vocab = get(key(gguf.Keys.LLM.VOCAB_SIZE), None)
+    if vocab is None and gguf.Keys.Tokenizer.LIST in metadata:
+        vocab = len(metadata[gguf.Keys.Tokenizer.LIST])
+    if vocab is None and "token_embd.weight" in shapes:
+        vocab = shapes["token_embd.weight"][0]
+    if vocab is None:
+        raise FuselmError(f"{source}: missing required GGUF key {key(gguf.Keys.LLM.VOCAB_SIZE)!r} "
+                          f"(and no {gguf.Keys.Tokenizer.LIST!r} or token_embd.weight to count the vocabulary)")
+    eos = get(gguf.Keys.Tokenizer.EOS_ID, None)
+    eos_ids = get(EOS_IDS_KEY, [eos] if eos is not None else [])
+    bias_of = {"llama": ("blk.0.attn_q.bias", "blk.0.ffn_up.bias"), "chameleon": ("blk.0.attn_q.bias",
+               "blk.0.ffn_up.bias"), "falcon": ("blk.0.attn_qkv.bias", "blk.0.ffn_up.bias")}[arch]
+    common = dict(
+        arch=arch,
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=_single(get(key(gguf.Keys.LLM.FEED_FORWARD_LENGTH)), key(gguf.Keys.LLM.FEED_FORWARD_LENGTH),
+                                  source),
+        num_hidden_layers=int(get(key(gguf.Keys.LLM.BLOCK_COUNT))),
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=int(get(key(gguf.Keys.LLM.CONTEXT_LENGTH))),
+        attention_bias=bias_of[0] in names,
+        mlp_bias=bias_of[1] in names,
+        tie_word_embeddings=bool(names) and "output.weight" not in names,
+        rope_theta=rope_base_from_gguf(metadata, arch),
+        rope_scaling=rope_scaling_from_gguf(metadata, arch),
+        flashnorm=bool(get(FLASHNORM_KEY, False)),
+        bos_token_id=_optional_int(get(gguf.Keys.Tokenizer.BOS_ID, None)),
+        eos_token_ids=tuple(int(i) for i in eos_ids),
+        pad_token_id=_optional_int(get(gguf.Keys.Tokenizer.PAD_ID, None)),
+    )
+    if arch == "falcon":
+        two_norms = "blk.0.attn_norm_2.weight" in names
+        new_arch = two_norms or kv_heads > 1  # HF's fused-qkv layout; only matters when writing HF files
+        return ModelConfig(
+            **common,
+            norm_kind="layer",
+            norm_eps=float(get(key(gguf.Keys.Attention.LAYERNORM_EPS))),
+            norm_bias=True,
+            mlp_kind="gelu",
+            block_kind="parallel",
+            parallel_norms=2 if two_norms else 1,
+            extra={"new_decoder_architecture": new_arch, "multi_query": not new_arch and kv_heads == 1},
+        )
+    chameleon = arch == "chameleon"
+    extra = {}
+    if chameleon:
+        tokens = metadata.get(gguf.Keys.Tokenizer.LIST)
+        # HF's config carries the token -> id map (image tokens are the IMGIMG* names); rebuild it from the vocab.
+        extra = {"vocabulary_map": {t: i for i, t in enumerate(tokens)} if tokens is not None else None,
+                 "vq_config": None}
+    return ModelConfig(
+        **common,
+        norm_kind="rms",
+        norm_eps=float(get(key(gguf.Keys.Attention.LAYERNORM_RMS_EPS))),
+        mlp_kind="swiglu",
+        block_kind="swin_norm" if chameleon and bool(get(key(gguf.Keys.LLM.SWIN_NORM), False)) else "pre_norm",
+        qk_norm=chameleon,
+        qk_norm_eps=float(get(QK_NORM_EPS_KEY, _TORCH_QK_NORM_EPS)),
+        extra=extra,
+    )
+
+
+def _optional_int(value) -> int | None:
+    return None if value is None else int(value)
