@@ -110,8 +110,9 @@ def hparams_only(arch: str, n_layers: int, n_head: int, n_head_kv: int, n_expert
 MODELS = {
     # GQA 4 (Q2_K attn_v -> Q4_K), 16 layers so n/16 and n/8 both pick layers
     "llama": llama_like("llama", 16, 256, 8, 2, 512),
-    # no GQA, tied embeddings (token_embd follows the output rule), 2-D q/k norms
-    "chameleon": llama_like("chameleon", 8, 256, 4, 4, 512, tied=True),
+    # no GQA, 2-D q/k norms, tied embeddings at width 320: token_embd follows the output rule, which gives Q8_0
+    # when the default's block does not fit and Q6_K (then the Q6_K -> Q8_0 fallback) for 32-block file types
+    "chameleon": llama_like("chameleon", 8, 320, 5, 5, 512, tied=True),
     # Falcon-7B-shaped: width 320 = 1.25*256 like 4544 = 17.75*256, multi-query, n_ff = 4*hidden (a multiple of 256)
     "falcon-7b": falcon_like(16, 320, 10, 1, norm_2=False, tied=True),
     # Falcon-40B-style: attn_norm_2, grouped kv heads, untied output
@@ -124,7 +125,8 @@ MODELS = {
 ALL_FTYPES = list(FTYPES)  # the 16 llama-quantize file types of the issue, plus F32
 CASES = [(m, f, "") for m in ("llama", "chameleon", "falcon-7b", "falcon-40b") for f in ALL_FTYPES]
 # --pure skips the mix but not the fallback; --leave-output-tensor keeps output.weight F32
-CASES += [(m, f, v) for m in ("llama", "falcon-7b") for f, v in (("Q4_K_M", "pure"), ("Q3_K_M", "pure"), ("Q4_0", "leave"))]
+VARIANTS = (("Q4_K_M", "pure"), ("Q3_K_M", "pure"), ("Q4_K_M", "leave"))
+CASES += [(m, f, v) for m in ("llama", "falcon-7b") for f, v in VARIANTS]
 CASES += [(m, f, "") for m in ("llama-70b", "llama-8x") for f in ("Q2_K", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M")]
 CASES += [("llama-8x", "Q8_0", ""), ("llama-8x", "Q4_K_M", "pure")]
 

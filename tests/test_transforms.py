@@ -85,8 +85,12 @@ def _internal(model):
 def _logits(model) -> torch.Tensor:
     with torch.no_grad():
         logits = model(TOKENS).logits[0]
-    keep = logits[0] > torch.finfo(logits.dtype).min  # Chameleon masks image-token columns: compare the rest
-    return logits[:, keep]
+    return logits[:, _keep(logits)]
+
+
+def _keep(logits: torch.Tensor) -> torch.Tensor:
+    """Chameleon masks image-token columns to the dtype's min: compare the other columns."""
+    return logits[0] > torch.finfo(logits.dtype).min
 
 
 def _reload(model, config, state, **hf_overrides):
@@ -110,8 +114,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # ---------------------------------------------------------------- FlashNorm
 
-def test_flashify_matches_transformer_tricks():
-    model = _llama()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flashify_matches_transformer_tricks(dtype):
+    model = _llama().to(dtype)
     config, state = _internal(model)
     _, folded, _ = flashify(config, state, strict=False)
     theirs = {k: v.clone() for k, v in model.state_dict().items()}
@@ -119,7 +124,8 @@ def test_flashify_matches_transformer_tricks():
     ours = internal_to_hf(config, folded)
     assert set(ours) == set(theirs)
     for name, t in ours.items():
-        assert torch.equal(t, theirs[name]), name
+        assert t.dtype == dtype, name  # transformer-tricks writes fp32 ones for norms; we keep the dtype
+        assert torch.equal(t, theirs[name].to(dtype)), name
     # o, down and embeddings are untouched; q and the norms did change.
     assert torch.equal(folded["layers.0.attn.o.weight"], state["layers.0.attn.o.weight"])
     assert not torch.equal(folded["layers.0.attn.q.weight"], state["layers.0.attn.q.weight"])
@@ -194,14 +200,15 @@ def test_strict_flashify_removes_norms_and_needs_the_flag():
     strict_config, strict, report = flashify(config, state, strict=True)
     assert strict_config.flashnorm and not compat_config.flashnorm
     assert not [n for n in strict if "norm" in n and "q_norm" not in n and "k_norm" not in n]
-    assert any(line.startswith("strict: removed 5 ") for line in report), report
+    assert any(line.startswith("strict: removed 5 folded norm tensor(s)") for line in report), report
     hf = config_to_hf(strict_config)
     assert hf["flashnorm"] is True and config_from_hf(hf).flashnorm
     expected = expected_shapes(strict_config)
     fills = check_flashnorm_state(strict_config, strict.keys(), expected)
     assert set(fills) == set(compat) - set(strict)
     assert all(torch.equal(t, compat[n]) for n, t in {**strict, **fills}.items())
-    with pytest.raises(FuselmError, match=r"model\.safetensors: norm tensor 'norm\.weight' is missing.*lacks a flashnorm flag"):
+    no_flag = r"model\.safetensors: norm tensor 'norm\.weight' is missing.*lacks a flashnorm flag"
+    with pytest.raises(FuselmError, match=no_flag):
         check_flashnorm_state(config, strict.keys(), expected, "model.safetensors")
     with pytest.raises(FuselmError, match=r"'layers\.1\.attn\.q\.weight' is missing"):
         check_flashnorm_state(strict_config, set(strict) - {"layers.1.attn.q.weight"}, expected)
@@ -286,11 +293,12 @@ def _meta_forward(params: dict, shards: list[dict], tokens: torch.Tensor) -> tor
         h = rms(x, shards[0][p + "attention_norm.weight"])
         attn = torch.zeros_like(x)
         for s in shards:
-            def qk_norm(t, which, s=s):
-                a = p + f"attention.{which}_normalization."
-                return F.layer_norm(t, (hd,), s[a + "weight"], s[a + "bias"], eps=1e-5)
-            q = rope(qk_norm((h @ s[p + "attention.wq.weight"].T).view(T, hq, hd), "q"))
-            k = rope(qk_norm((h @ s[p + "attention.wk.weight"].T).view(T, hk, hd), "k"))
+            qn, kn = (p + f"attention.{w}_normalization." for w in "qk")
+            q = F.layer_norm((h @ s[p + "attention.wq.weight"].T).view(T, hq, hd), (hd,), s[qn + "weight"],
+                             s[qn + "bias"], eps=1e-5)
+            k = F.layer_norm((h @ s[p + "attention.wk.weight"].T).view(T, hk, hd), (hd,), s[kn + "weight"],
+                             s[kn + "bias"], eps=1e-5)
+            q, k = rope(q), rope(k)
             v = (h @ s[p + "attention.wv.weight"].T).view(T, hk, hd)
             k, v = (t.repeat_interleave(hq // hk, dim=1) for t in (k, v))
             scores = torch.einsum("thd,shd->hts", q, k) / math.sqrt(hd) + mask
@@ -318,7 +326,9 @@ def test_meta_round_trip_and_logits(num_shards):
     assert shards[-1]["tok_embeddings.weight"].shape == (VOCAB, config.hidden_size // num_shards)
     # Meta's own semantics (interleaved RoPE, per-rank qk-norm) reproduce transformers' logits.
     meta_logits = _meta_forward(params, shards, TOKENS)
-    assert _rel(meta_logits[:, _logits_keep(model)], reference) <= 1e-5
+    with torch.no_grad():
+        keep = _keep(model(TOKENS).logits[0])
+    assert _rel(meta_logits[:, keep], reference) <= 1e-5
 
     back_config, back = meta_to_internal(params, shards, qk_norm="per-head")
     assert back_config.replace(extra=config.extra, bos_token_id=config.bos_token_id,
@@ -328,15 +338,14 @@ def test_meta_round_trip_and_logits(num_shards):
     assert all(torch.equal(back[n], state[n]) for n in state)
     assert torch.equal(_logits(_reload(model, config, back)), reference)
 
+    # Llama 3 splits tok_embeddings along the vocab instead: read from the shapes.
+    by_vocab = [{**s, "tok_embeddings.weight": e} for s, e in
+                zip(shards, state["embed.weight"].chunk(num_shards, dim=0))]
+    assert torch.equal(meta_to_internal(params, by_vocab)[1]["embed.weight"], state["embed.weight"])
+
     _, grouped = meta_to_internal(params, shards, qk_norm="grouped")
     assert qknorm_groups(grouped) == (num_shards, num_shards)
     assert all(torch.equal(t, state[n]) for n, t in expand_qknorm(config, grouped).items())
-
-
-def _logits_keep(model) -> torch.Tensor:
-    with torch.no_grad():
-        logits = model(TOKENS).logits[0]
-    return logits[0] > torch.finfo(logits.dtype).min
 
 
 def test_internal_to_meta_refuses_heads_that_differ_within_a_shard():

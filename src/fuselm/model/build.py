@@ -67,9 +67,18 @@ def check_state_dict(config: ModelConfig, state_dict: dict[str, torch.Tensor], s
         if name not in expected:
             raise FuselmError(f"{source}: unexpected tensor {display_name(name)!r} for this config")
     for name, t in out.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and not all_finite(t):
             raise FuselmError(f"{source}: tensor {display_name(name)!r} contains NaN or Inf values")
     return out
+
+
+def all_finite(t: torch.Tensor, chunk_elements: int = 1 << 22) -> bool:
+    """isfinite over bounded chunks, so checking a large tensor never allocates a copy of it."""
+    flat = t.reshape(-1)
+    for start in range(0, flat.numel(), chunk_elements):
+        if not bool(torch.isfinite(flat[start:start + chunk_elements]).all()):
+            return False
+    return True
 
 
 def build_transformer(config: ModelConfig, state_dict: Mapping[str, torch.Tensor], *, dtype: torch.dtype,

@@ -2,8 +2,9 @@
 
 Layout: x [n, G] holds G groups of n elements with the element index first, so that the C loops
 `for (i = 0; i < n; ++i) sum += ...` become n additions of contiguous [G] (or [candidates, G]) slices in the
-same order. Every independent trial scale of a search is evaluated at once along a candidate dimension;
-only the choice among them, where C compares against a running best, is replayed step by step.
+same order. Where the trial scales of a search are independent they are evaluated at once along a
+candidate dimension and only the choice among them, a comparison against a running best, is replayed step
+by step.
 """
 
 from __future__ import annotations
@@ -15,63 +16,56 @@ from fuselm.quants.cfloat import GROUP_MAX_EPS, nearest_int, rdiv, seq_sum, sign
 
 
 def _pick(t: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """t [n, C, G] or [C, G], k [G] -> t[..., k[g], g]."""
-    if t.ndim == 2:
-        return t.gather(0, k[None]).squeeze(0)
+    """t [n, C, G], k [G] -> t[:, k[g], g]."""
     return t.gather(1, k[None, None].expand(t.shape[0], 1, -1)).squeeze(1)
 
 
 def make_qkx2_quants(
     x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Asymmetric search (Q2_K, Q4_K, Q5_K). x, w [n, G] -> (scale [G], the_min [G] >= 0, L [n, G] in 0..nmax)."""
-    mn = x.amin(0)
+    """Asymmetric search (Q2_K, Q4_K, Q5_K). x, w [n, G] -> (scale [G], -min [G], L [n, G] in 0..nmax).
+
+    The trial scales are not independent: each accepted one moves `min`, which the next trials start from,
+    so the nstep + 1 trials run one after another, each over all groups.
+    """
+    n, G = x.shape
     mx = x.amax(0)
+    mn = x.amin(0)
     sum_w = seq_sum(w, start=None)
     sum_x = seq_sum(w * x, start=None)
     mn = torch.where(mn > 0, 0.0, mn)
     flat = mx == mn
-    span = mx - mn
-    xm = x - mn
 
-    def error(diff: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return weights * (diff.abs() if use_mad else diff * diff)
+    def error(diff: torch.Tensor) -> torch.Tensor:
+        return seq_sum(w * (diff.abs() if use_mad else diff * diff))
 
-    iscale = rdiv(nmax, span)
-    scale0 = 1.0 / iscale
-    L0 = nearest_int(iscale * xm).clamp_(0, nmax)
-    best0 = seq_sum(error(scale0 * L0 + mn - x, w))
+    iscale = rdiv(nmax, mx - mn)
+    scale = 1.0 / iscale
+    L = nearest_int(iscale * (x - mn)).clamp_(0, nmax)
+    best = error(scale * L + mn - x)
 
-    # all trial scales (rmin + rdelta*is + nmax)/(max - min), is = 0..nstep, at once: [n, C, G]
+    terms = torch.empty((n, 3, G), dtype=torch.float32)
     steps = np.float32(rmin) + np.float32(rdelta) * np.arange(nstep + 1, dtype=np.float32) + np.float32(nmax)
-    isc = torch.from_numpy(steps)[:, None] / span[None]
-    Laux = nearest_int(isc[None] * xm[:, None]).clamp_(0, nmax)
-    n, C, G = Laux.shape
-    terms = torch.empty((n, 3, C, G), dtype=torch.float32)
-    wl = torch.mul(w[:, None], Laux, out=terms[:, 0])
-    torch.mul(wl, Laux, out=terms[:, 1])
-    torch.mul(wl, x[:, None], out=terms[:, 2])
-    sum_l, sum_l2, sum_xl = seq_sum(terms)
-    del terms, wl
-    D = sum_w * sum_l2 - sum_l * sum_l
-    this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
-    this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
-    clip = this_min > 0
-    this_min = torch.where(clip, 0.0, this_min)
-    this_scale = torch.where(clip, sum_xl / sum_l2, this_scale)
-    cur = seq_sum(error(this_scale[None] * Laux + this_min[None] - x[:, None], w[:, None]))
-    cur = torch.where((D > 0) & ~cur.isnan(), cur, torch.inf)
-
-    # C keeps a candidate only if strictly better than the running best: the first minimum wins
-    k = torch.cat([best0[None], cur]).argmin(0)
-    kc = (k - 1).clamp_(min=0)
-    take = k > 0
-    L = torch.where(take, _pick(Laux, kc), L0)
-    scale = torch.where(take, _pick(this_scale, kc), scale0)
-    the_min = torch.where(take, _pick(this_min, kc), mn)
-    scale = torch.where(flat, 0.0, scale)
-    L = torch.where(flat, 0.0, L)
-    return scale, -the_min, L
+    for step in steps.tolist():  # float32 values, exact as Python floats
+        isc = rdiv(step, mx - mn)
+        laux = nearest_int(isc * (x - mn)).clamp_(0, nmax)
+        wl = torch.mul(w, laux, out=terms[:, 0])
+        torch.mul(wl, laux, out=terms[:, 1])
+        torch.mul(wl, x, out=terms[:, 2])
+        sum_l, sum_l2, sum_xl = seq_sum(terms)
+        D = sum_w * sum_l2 - sum_l * sum_l
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+        clip = this_min > 0
+        this_min = torch.where(clip, 0.0, this_min)
+        this_scale = torch.where(clip, sum_xl / sum_l2, this_scale)
+        cur = error(this_scale * laux + this_min - x)
+        better = (D > 0) & (cur < best)
+        best = torch.where(better, cur, best)
+        scale = torch.where(better, this_scale, scale)
+        mn = torch.where(better, this_min, mn)
+        L = torch.where(better, laux, L)
+    return torch.where(flat, 0.0, scale), -mn, torch.where(flat, 0.0, L)
 
 
 def make_qx_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -367,7 +367,10 @@ def _layer(name: str) -> int:
     return int(m.group(1)) if m else -1
 
 
-def _normalize(tensors: Iterable[tuple]) -> list[tuple[str, tuple[int, ...], str]]:
+TensorSpec = tuple[str, Sequence[int]] | tuple[str, Sequence[int], str]
+
+
+def _normalize(tensors: Iterable[TensorSpec]) -> list[tuple[str, tuple[int, ...], str]]:
     out, seen = [], set()
     for t in tensors:
         if len(t) not in (2, 3):
@@ -384,7 +387,7 @@ def _normalize(tensors: Iterable[tuple]) -> list[tuple[str, tuple[int, ...], str
 
 
 def plan_types(
-    tensors: Iterable[tuple],
+    tensors: Iterable[TensorSpec],
     ftype: str,
     *,
     arch: str,

@@ -76,7 +76,7 @@ def fold_plan(config: ModelConfig) -> tuple[list[tuple[str, tuple[str, ...]]], l
     for i in range(c.num_hidden_layers):
         p = f"layers.{i}."
         if c.block_kind == "swin_norm":
-            why = "swin_norm applies it after the sublayer, where its output joins the residual, not a linear"
+            why = "swin_norm applies these norms after the sublayer, where the output joins the residual, not a linear"
             refused += [(p + "attn_norm", why), (p + "mlp_norm", why)]
         elif c.block_kind == "parallel" and c.parallel_norms == 1:
             folds.append((p + "attn_norm", tuple(p + n for n in ("attn.q", "attn.k", "attn.v", *mlp_in))))
@@ -177,7 +177,7 @@ def flashify(config: ModelConfig, state_dict: Mapping[str, torch.Tensor], *,
                       + "; config now has attention_bias and mlp_bias (Falcon: bias) true")
     if strict and removed:
         new_config = new_config.replace(flashnorm=True)
-        report.append(f"strict: removed {removed} folded norm tensors; config flashnorm=true "
+        report.append(f"strict: removed {removed} folded norm tensor(s); config flashnorm=true "
                       f"(written as \"flashnorm\": true); loaders must honour it")
     elif folded:
         report.append("compat: folded norms stored as ones" + (" (biases zero)" if config.norm_bias else "")
