@@ -101,7 +101,7 @@ def load(path: str | Path | None = None, *, dtype=None, device: str = "cpu",
             raise FuselmError(f"{path}: expected exactly one model .gguf file, found {[p.name for p in ggufs]}")
         path = ggufs[0]
     if path.is_file() and path.suffix == ".gguf":
-        from .formats.gguf_model import load_gguf
+        from .loader_gguf import load_gguf
 
         return load_gguf(path, dtype=dtype, device=device, rope_scaling=rope_scaling)
     if hf_format.is_hf_dir(path):

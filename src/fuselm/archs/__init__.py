@@ -15,6 +15,8 @@ release) lives beside them. Every fix-up is a pure function from one state dict 
 
 from .gguf import (
     GGUF_PERMUTES_QK,
+    config_from_gguf,
+    config_to_gguf_metadata,
     gguf_module_names,
     gguf_to_internal,
     internal_to_gguf,
@@ -34,6 +36,7 @@ from .hf import (
 from .tensors import expected_shapes, is_norm_weight
 
 __all__ = [
+    "config_from_gguf", "config_to_gguf_metadata",
     "GGUF_PERMUTES_QK", "HF_MODEL_TYPES", "SUPPORTED_ARCHS", "config_from_hf", "config_to_hf", "expected_shapes",
     "gguf_module_names", "gguf_to_internal", "hf_module_names", "hf_tensor_name", "hf_to_internal",
     "internal_to_gguf", "internal_to_hf",

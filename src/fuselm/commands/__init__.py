@@ -1,3 +1,5 @@
 """Subcommands that live next to their library code. Each module has register(subparsers)."""
 
-REGISTRY: list = []
+from . import quantize
+
+REGISTRY: list = [quantize.register]

@@ -46,16 +46,21 @@ def fp16_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float16).reshape(-1, 1).view(torch.uint8)
 
 
-def seq_sum(t: torch.Tensor, start: float | None = 0.0) -> torch.Tensor:
+def seq_sum(t: torch.Tensor, from_zero: bool = True) -> torch.Tensor:
     """Sum over dim 0 one element at a time, like C's `s = 0; for (...) s += t[i];`.
 
-    start=None begins from t[0] itself (C code that initialises the sum with the first term).
-    Put the summed dim first and keep it contiguous: each step then adds one contiguous slice.
+    from_zero=False begins from t[0] itself (C code that initialises the sum with the first term).
+    numpy reduces a non-innermost axis row by row in float32, which is exactly that order; a lone column
+    would make the summed axis innermost (pairwise summation), so it gets a dummy second column.
     """
-    acc = t[0].clone() if start is None else t[0] + start
-    for i in range(1, t.shape[0]):
-        acc += t[i]
-    return acc
+    a = t.detach().contiguous().numpy()
+    flat = a.reshape(a.shape[0], -1)
+    if flat.shape[1] == 1:
+        flat = np.concatenate([flat, np.zeros_like(flat)], axis=1)
+    s = flat.sum(axis=0)[: a[0].size].reshape(a.shape[1:])
+    if from_zero:
+        s += np.float32(0)  # 0 + t0 + ... differs from t0 + ... only in the sign of a zero total
+    return torch.from_numpy(s)
 
 
 def signed_absmax(t: torch.Tensor, dim: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

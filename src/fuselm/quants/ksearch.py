@@ -31,8 +31,8 @@ def make_qkx2_quants(
     n, G = x.shape
     mx = x.amax(0)
     mn = x.amin(0)
-    sum_w = seq_sum(w, start=None)
-    sum_x = seq_sum(w * x, start=None)
+    sum_w = seq_sum(w, from_zero=False)
+    sum_x = seq_sum(w * x, from_zero=False)
     mn = torch.where(mn > 0, 0.0, mn)
     flat = mx == mn
 

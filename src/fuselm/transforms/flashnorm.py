@@ -38,8 +38,8 @@ Not foldable, kept and reported: Chameleon swin_norm layers (the norm follows th
 in front of a tied lm_head (folding would rescale the input embeddings too).
 
 Output modes:
-  (default) compat  folded norms are stored as ones (and zero bias). Every tool loads the result unchanged:
-                    transformers, vLLM, llama.cpp. Use this to share the checkpoint.
+  (default) compat  folded norms are stored as ones (and zero bias), so tools that know the architecture
+                    (transformers, vLLM, ...) load the result unchanged. Use this to share the checkpoint.
   --strict          folded norm tensors are removed and config.json gets "flashnorm": true (GGUF: the
                     fuselm.flashnorm key). Smaller and explicit, but only loaders that honour the flag accept
                     it: fuselm does; vLLM refuses missing weights; transformers silently fills ones.

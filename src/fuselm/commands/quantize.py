@@ -1,0 +1,170 @@
+"""`fuselm quantize SRC OUT.gguf --type Q4_K_M`: llama.cpp's mixes, our bit-exact codecs, one atomic GGUF."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import archs
+from ..config import ModelConfig
+from ..errors import FuselmError
+from ..formats import gguf as gguf_format
+from ..formats import hf as hf_format
+from ..model.build import check_state_dict
+from ..quants import quantize, row_bytes
+from ..quants.mixes import FTYPES, fallback_report, plan_types
+
+HELP = """\
+Quantize a model to GGUF with llama.cpp's per-tensor type mixes, bit-exact with llama.cpp's quantizer.
+
+SRC is an HF directory or a GGUF with F32/F16/BF16 weights (a quantized GGUF is requantized, with a warning:
+quality drops twice). OUT is written atomically: an interrupted run leaves no file. For a Chameleon model the
+image tokenizer goes into a companion OUT-vqgan.gguf, because llama.cpp rejects unknown tensors in the main file.
+
+Types: {types}.
+Rows whose length is not a multiple of 256 (Falcon-7B: 4544) fall back as llama.cpp does (Q4_K -> Q5_0,
+Q5_K -> Q5_1, Q6_K -> Q8_0, Q2_K/Q3_K -> Q4_0), and each fallback is reported.
+
+examples:
+  fuselm quantize ./TinyLlama-1.1B tinyllama-q4km.gguf --type Q4_K_M
+  fuselm quantize model-f16.gguf model-q8.gguf --type Q8_0 --leave-output-tensor
+"""
+
+
+@dataclass(frozen=True)
+class TensorReport:
+    name: str
+    type: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def _read_source(src: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], object, str | None, object]:
+    """(config, internal state dict, tokenizer for GGUF, chat template, vqgan (config dict, state) or None)."""
+    if src.is_file() and src.suffix == ".gguf":
+        gf = gguf_format.read_gguf(src)
+        shapes = {n: t.shape for n, t in gf.tensors.items()}
+        config = archs.config_from_gguf(gf.metadata, str(src), shapes)
+        quantized = sorted({t.type_name for t in gf.tensors.values()} - {"F32", "F16", "BF16"})
+        if quantized:
+            print(f"warning: {src} is already quantized ({', '.join(quantized)}); requantizing loses quality twice",
+                  file=sys.stderr)
+        from ..quants import dequantize
+
+        tensors = {}
+        for name, t in gf.tensors.items():
+            if t.type_name in ("F32", "F16", "BF16"):
+                tensors[name] = t.to_torch()
+            else:
+                rows = t.data.shape[0] if t.data.ndim > 1 else 1
+                tensors[name] = dequantize(torch.from_numpy(t.data).reshape(rows, -1), t.type_name,
+                                           (rows, t.shape[-1])).reshape(t.shape)
+        state = archs.gguf_to_internal(config, tensors, source=str(src))
+        tok_meta = {k: v for k, v in gf.metadata.items() if k.startswith("tokenizer.")}
+        companion = gguf_format.companion_path(src)
+        vq = gguf_format.read_vqgan_gguf(companion) if companion.is_file() else None
+        return config, check_state_dict(config, state, str(src)), tok_meta, None, vq
+    if not hf_format.is_hf_dir(src):
+        raise FuselmError(f"{src}: expected an HF directory (config.json) or a .gguf file")
+    cfg = hf_format.read_config(src)
+    config = archs.config_from_hf(cfg, source=str(src / "config.json"))
+    raw = hf_format.read_weights(src)
+    vq_state = {k[len("model.vqmodel."):]: v for k, v in raw.items() if k.startswith("model.vqmodel.")}
+    state = check_state_dict(config, archs.hf_to_internal(config, raw, source=str(src)), str(src),
+                             lambda n: archs.hf_tensor_name(config, n))
+    tokenizer = None
+    template = None
+    if (src / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer as HFTokenizer
+
+        from ..tokenizer import Tokenizer
+
+        tokenizer = HFTokenizer.from_file(str(src / "tokenizer.json"))
+        template = Tokenizer.from_dir(src).chat_template
+    vq = (cfg.get("vq_config") or {}, vq_state) if vq_state else None
+    return config, state, tokenizer, template, vq
+
+
+def quantize_model(src: str | Path, out: str | Path, ftype: str, *, pure: bool = False,
+                   leave_output_tensor: bool = False, progress: bool = True) -> tuple[list[TensorReport], str]:
+    """Quantize SRC to OUT. Returns per-tensor reports and llama.cpp-style fallback warnings ('' if none)."""
+    src, out = Path(src), Path(out)
+    if ftype not in FTYPES:
+        raise FuselmError(f"unknown --type {ftype!r}; expected one of {', '.join(FTYPES)}")
+    if out.suffix != ".gguf":
+        raise FuselmError(f"{out}: output must be a .gguf file")
+    config, state, tokenizer, template, vq = _read_source(src)
+    tensors = archs.internal_to_gguf(config, state)
+    choices = plan_types([(n, tuple(t.shape)) for n, t in tensors.items()], ftype, arch=config.arch,
+                         n_layers=config.num_hidden_layers, n_head=config.num_attention_heads,
+                         n_head_kv=config.num_key_value_heads, pure=pure, leave_output_tensor=leave_output_tensor)
+    plans: dict[str, tuple] = {}
+    reports: list[TensorReport] = []
+    for choice in choices:
+        t = tensors[choice.name]
+        shape = tuple(t.shape)
+        if choice.type in ("F32", "F16", "BF16"):
+            plans[choice.name] = (t, choice.type)
+            nbytes = t.numel() * {"F32": 4, "F16": 2, "BF16": 2}[choice.type]
+        else:
+            rows = t.numel() // shape[-1]
+
+            def produce(t=t, qtype=choice.type, name=choice.name, rows=rows):
+                return quantize(t.reshape(rows, -1).float(), qtype, name=name).numpy()
+
+            plans[choice.name] = (produce, choice.type, shape)
+            nbytes = rows * row_bytes(choice.type, shape[-1])
+        reports.append(TensorReport(choice.name, choice.type, shape, nbytes))
+    gguf_format.write_gguf(out, config, plans, tokenizer=tokenizer, chat_template=template, progress=progress)
+    if vq is not None:
+        gguf_format.write_vqgan_gguf(gguf_format.companion_path(out), *vq)
+    return reports, fallback_report(choices)
+
+
+def summary_table(reports: list[TensorReport]) -> str:
+    by_type: dict[str, list[int]] = {}
+    for r in reports:
+        n = 1
+        for s in r.shape:
+            n *= s
+        entry = by_type.setdefault(r.type, [0, 0, 0])
+        entry[0] += 1
+        entry[1] += n
+        entry[2] += r.nbytes
+    lines = [f"{'type':<8} {'tensors':>8} {'weights':>14} {'MiB':>10} {'bits/weight':>12}"]
+    total_n = total_b = 0
+    for t, (count, n, b) in sorted(by_type.items(), key=lambda kv: -kv[1][2]):
+        lines.append(f"{t:<8} {count:>8} {n:>14,} {b / 2**20:>10.2f} {8 * b / max(n, 1):>12.3f}")
+        total_n += n
+        total_b += b
+    lines.append(f"{'total':<8} {len(reports):>8} {total_n:>14,} {total_b / 2**20:>10.2f} "
+                 f"{8 * total_b / max(total_n, 1):>12.3f}")
+    return "\n".join(lines)
+
+
+def cmd_quantize(args) -> int:
+    t0 = time.perf_counter()
+    reports, fallbacks = quantize_model(args.src, args.out, args.type, pure=args.pure,
+                                        leave_output_tensor=args.leave_output_tensor)
+    if fallbacks:
+        print(fallbacks, file=sys.stderr)
+    print(summary_table(reports))
+    print(f"wrote {args.out} in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("quantize", help="quantize a model to GGUF (llama.cpp's mixes, bit-exact)",
+                       description=HELP.format(types=", ".join(FTYPES)),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", help="HF directory or .gguf (F32/F16/BF16)")
+    p.add_argument("out", help="output .gguf path")
+    p.add_argument("--type", default="Q4_K_M", help="file type (default Q4_K_M)")
+    p.add_argument("--pure", action="store_true", help="one type for every quantizable tensor: no mix bumps")
+    p.add_argument("--leave-output-tensor", action="store_true", help="keep output.weight unquantized")
+    p.set_defaults(func=cmd_quantize)
