@@ -87,6 +87,34 @@ def _hf_image_tokenizer(cfg: dict, vision_state: dict, directory: Path):
     return ImageTokenizer(vqgan_from_hf_state_dict(cfg.get("vq_config") or {}, vision_state))
 
 
+def load_meta(directory: Path, *, dtype=None, device="cpu", rope_scaling: dict | None = None) -> Model:
+    """Meta's original Chameleon release, converted in memory (shards merged, q/k permuted)."""
+    import json
+
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from .transforms.meta_convert import convert_meta
+
+    conv = convert_meta(directory)
+    config = _with_rope_override(conv.config, rope_scaling)
+    state = check_state_dict(config, conv.state_dict, str(directory))
+    target = parse_dtype(dtype) or _default_dtype(state)
+    transformer = build_transformer(config, state, dtype=target, device=device)
+    tokenizer = None
+    if conv.tokenizer_json:
+        cfg = conv.tokenizer_config or {}
+        tokenizer = Tokenizer(HFTokenizer.from_str(json.dumps(conv.tokenizer_json)), bos_token=cfg.get("bos_token"),
+                              eos_token=cfg.get("eos_token"), add_bos=cfg.get("add_bos_token"), source=str(directory))
+    image_tokenizer = None
+    if conv.vqgan_state_dict:
+        vision_state = {k[len("model.vqmodel."):]: v for k, v in conv.vqgan_state_dict.items()}
+        from .vision import ImageTokenizer, VQGANConfig, vqgan_from_state_dict
+
+        vq_config = VQGANConfig.from_dict(config.extra.get("vq_config") or {}, source=str(directory))
+        image_tokenizer = ImageTokenizer(vqgan_from_state_dict(vq_config, vision_state, source=str(directory)))
+    return Model(transformer, tokenizer, image_tokenizer=image_tokenizer, source=str(directory), file_type="meta")
+
+
 def load(path: str | Path | None = None, *, dtype=None, device: str = "cpu",
          rope_scaling: dict | None = None) -> Model:
     """Load an HF directory, a .gguf file, a Meta Chameleon checkpoint directory, or "demo" (the bundled model)."""
@@ -107,8 +135,6 @@ def load(path: str | Path | None = None, *, dtype=None, device: str = "cpu",
     if hf_format.is_hf_dir(path):
         return load_hf(path, dtype=dtype, device=device, rope_scaling=rope_scaling)
     if path.is_dir() and (path / "params.json").is_file():
-        from .formats.meta import load_meta
-
         return load_meta(path, dtype=dtype, device=device, rope_scaling=rope_scaling)
     raise FuselmError(f"{path}: not a model: expected an HF directory (config.json), a .gguf file, or a Meta "
                       f"checkpoint directory (params.json + consolidated*.pth)")

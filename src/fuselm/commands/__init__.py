@@ -1,5 +1,5 @@
 """Subcommands that live next to their library code. Each module has register(subparsers)."""
 
-from . import quantize
+from . import quantize, transforms
 
-REGISTRY: list = [quantize.register]
+REGISTRY: list = [quantize.register, transforms.register]

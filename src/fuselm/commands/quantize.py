@@ -8,16 +8,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from .. import archs
-from ..config import ModelConfig
 from ..errors import FuselmError
 from ..formats import gguf as gguf_format
-from ..formats import hf as hf_format
-from ..model.build import check_state_dict
 from ..quants import quantize, row_bytes
 from ..quants.mixes import FTYPES, fallback_report, plan_types
+from ..sources import read_source
 
 HELP = """\
 Quantize a model to GGUF with llama.cpp's per-tensor type mixes, bit-exact with llama.cpp's quantizer.
@@ -44,52 +40,6 @@ class TensorReport:
     nbytes: int
 
 
-def _read_source(src: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], object, str | None, object]:
-    """(config, internal state dict, tokenizer for GGUF, chat template, vqgan (config dict, state) or None)."""
-    if src.is_file() and src.suffix == ".gguf":
-        gf = gguf_format.read_gguf(src)
-        shapes = {n: t.shape for n, t in gf.tensors.items()}
-        config = archs.config_from_gguf(gf.metadata, str(src), shapes)
-        quantized = sorted({t.type_name for t in gf.tensors.values()} - {"F32", "F16", "BF16"})
-        if quantized:
-            print(f"warning: {src} is already quantized ({', '.join(quantized)}); requantizing loses quality twice",
-                  file=sys.stderr)
-        from ..quants import dequantize
-
-        tensors = {}
-        for name, t in gf.tensors.items():
-            if t.type_name in ("F32", "F16", "BF16"):
-                tensors[name] = t.to_torch()
-            else:
-                rows = t.data.shape[0] if t.data.ndim > 1 else 1
-                tensors[name] = dequantize(torch.from_numpy(t.data).reshape(rows, -1), t.type_name,
-                                           (rows, t.shape[-1])).reshape(t.shape)
-        state = archs.gguf_to_internal(config, tensors, source=str(src))
-        tok_meta = {k: v for k, v in gf.metadata.items() if k.startswith("tokenizer.")}
-        companion = gguf_format.companion_path(src)
-        vq = gguf_format.read_vqgan_gguf(companion) if companion.is_file() else None
-        return config, check_state_dict(config, state, str(src)), tok_meta, None, vq
-    if not hf_format.is_hf_dir(src):
-        raise FuselmError(f"{src}: expected an HF directory (config.json) or a .gguf file")
-    cfg = hf_format.read_config(src)
-    config = archs.config_from_hf(cfg, source=str(src / "config.json"))
-    raw = hf_format.read_weights(src)
-    vq_state = {k[len("model.vqmodel."):]: v for k, v in raw.items() if k.startswith("model.vqmodel.")}
-    state = check_state_dict(config, archs.hf_to_internal(config, raw, source=str(src)), str(src),
-                             lambda n: archs.hf_tensor_name(config, n))
-    tokenizer = None
-    template = None
-    if (src / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer as HFTokenizer
-
-        from ..tokenizer import Tokenizer
-
-        tokenizer = HFTokenizer.from_file(str(src / "tokenizer.json"))
-        template = Tokenizer.from_dir(src).chat_template
-    vq = (cfg.get("vq_config") or {}, vq_state) if vq_state else None
-    return config, state, tokenizer, template, vq
-
-
 def quantize_model(src: str | Path, out: str | Path, ftype: str, *, pure: bool = False,
                    leave_output_tensor: bool = False, progress: bool = True) -> tuple[list[TensorReport], str]:
     """Quantize SRC to OUT. Returns per-tensor reports and llama.cpp-style fallback warnings ('' if none)."""
@@ -98,7 +48,9 @@ def quantize_model(src: str | Path, out: str | Path, ftype: str, *, pure: bool =
         raise FuselmError(f"unknown --type {ftype!r}; expected one of {', '.join(FTYPES)}")
     if out.suffix != ".gguf":
         raise FuselmError(f"{out}: output must be a .gguf file")
-    config, state, tokenizer, template, vq = _read_source(src)
+    source = read_source(src)
+    config, state = source.config, source.state
+    tokenizer, template, vq = source.tokenizer, source.chat_template, source.vqgan
     tensors = archs.internal_to_gguf(config, state)
     choices = plan_types([(n, tuple(t.shape)) for n, t in tensors.items()], ftype, arch=config.arch,
                          n_layers=config.num_hidden_layers, n_head=config.num_attention_heads,

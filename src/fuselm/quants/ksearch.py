@@ -46,6 +46,10 @@ def make_qkx2_quants(
 
     terms = torch.empty((n, 3, G), dtype=torch.float32)
     steps = np.float32(rmin) + np.float32(rdelta) * np.arange(nstep + 1, dtype=np.float32) + np.float32(nmax)
+    # remember which trial won and the min it started from; its L is rebuilt once at the end
+    won = torch.zeros(G, dtype=torch.bool)
+    won_step = torch.zeros(G)
+    won_from = mn
     for step in steps.tolist():  # float32 values, exact as Python floats
         isc = rdiv(step, mx - mn)
         laux = nearest_int(isc * (x - mn)).clamp_(0, nmax)
@@ -63,8 +67,12 @@ def make_qkx2_quants(
         better = (D > 0) & (cur < best)
         best = torch.where(better, cur, best)
         scale = torch.where(better, this_scale, scale)
+        won |= better
+        won_step = torch.where(better, step, won_step)
+        won_from = torch.where(better, mn, won_from)
         mn = torch.where(better, this_min, mn)
-        L = torch.where(better, laux, L)
+    isc = torch.where(won, won_step, float(nmax)) / (mx - won_from)
+    L = torch.where(won, nearest_int(isc * (x - won_from)).clamp_(0, nmax), L)
     return torch.where(flat, 0.0, scale), -mn, torch.where(flat, 0.0, L)
 
 
