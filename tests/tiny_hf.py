@@ -30,9 +30,10 @@ def make_llama(tmp: Path, *, tie: bool = False, kv_heads: int = 2, seed: int = 0
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=256,
-                      tie_word_embeddings=tie, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, **overrides)
+    settings = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=256,
+                    tie_word_embeddings=tie, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
+    cfg = LlamaConfig(**{**settings, **overrides})
     model = LlamaForCausalLM(cfg).eval()
     _randomize_norms(model)
     model.save_pretrained(tmp)

@@ -7,7 +7,6 @@ from pathlib import Path
 import torch
 
 from . import archs
-from .errors import FuselmError
 from .formats import gguf as gguf_format
 from .model.build import build_transformer, check_state_dict, parse_dtype
 from .model.rope import normalize_rope_scaling

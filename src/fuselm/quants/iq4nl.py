@@ -18,13 +18,31 @@ _VALUES_I8 = torch.tensor(KVALUES, dtype=torch.int8)
 NTRY = 7
 
 
+def _nearest_table() -> tuple[torch.Tensor, torch.Tensor]:
+    """Lookup tables from floor(2v) to best_index(v) and to its codebook value.
+
+    ggml's best_index_int8 brackets v between two codebook values and takes the nearer one by
+    `v - lo < hi - v` (a tie goes up). Near a midpoint both differences are exact in float32, so the answer is
+    the number of midpoints <= v; the midpoints are multiples of 1/2, hence a table over floor(2v).
+    """
+    mids = [(a + b) / 2 for a, b in zip(KVALUES[:-1], KVALUES[1:])]
+    halves = torch.arange(_LO, _HI + 1, dtype=torch.float32) / 2
+    idx = (halves[:, None] >= torch.tensor(mids)).sum(1)
+    return idx.to(torch.uint8), _VALUES[idx]
+
+
+_LO, _HI = 2 * KVALUES[0] - 1, 2 * KVALUES[-1] + 1  # floor(2v) beyond these clamps to index 0 / 15
+_INDEX, _VALUE = _nearest_table()
+
+
+def _slot(v2: torch.Tensor) -> torch.Tensor:
+    """Table slot for v2 = 2v; NaN (only from groups whose result is discarded) lands on slot 0."""
+    return torch.floor(v2.clamp(_LO, _HI)).to(torch.int32).clamp_(_LO, _HI) - _LO
+
+
 def best_index(v: torch.Tensor) -> torch.Tensor:
-    """ggml's best_index_int8 over the codebook: binary search for the bracketing pair, then the nearer one
-    by `x - lo < hi - x` in float (a tie goes up); values beyond the ends clamp to 0 / 15."""
-    mu = torch.bucketize(v, _VALUES, right=True).clamp_(1, 15)
-    lo, hi = _VALUES[mu - 1], _VALUES[mu]
-    idx = torch.where(v - lo < hi - v, mu - 1, mu)
-    return torch.where(v <= _VALUES[0], 0, torch.where(v >= _VALUES[15], 15, idx))
+    """ggml's best_index_int8(16, kvalues_iq4nl, v) as uint8."""
+    return _INDEX[_slot(v * 2)]
 
 
 def _group_scales(x: torch.Tensor) -> torch.Tensor:
@@ -34,7 +52,7 @@ def _group_scales(x: torch.Tensor) -> torch.Tensor:
     first = 1.0 / (-mx / float(KVALUES[0]))
     tries = torch.from_numpy(np.arange(-NTRY, NTRY + 1, dtype=np.float32) + np.float32(KVALUES[0]))
     ids = torch.cat([first[None], tries[:, None] / mx[None]])  # [C, G]
-    q = _VALUES[best_index(ids[None] * x[:, None])]  # [32, C, G]
+    q = _VALUE[_slot((ids * 2)[None] * x[:, None])]  # [32, C, G]; (2*id)*x == 2*(id*x) exactly
     w = x * x
     n, C, G = q.shape
     terms = torch.empty((n, 2, C, G), dtype=torch.float32)

@@ -146,6 +146,7 @@ def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tens
         sumlx[active] = slx_a
         suml2[active] = sl2_a
         active = active[changed]
+        print("active", active.numel())
 
     scale = torch.where(suml2 > 0, sumlx / suml2, 0.0)
     zero = amax < GROUP_MAX_EPS
