@@ -24,7 +24,7 @@ def _gguf_tokenizer(path: Path, gf) -> Tokenizer | None:
         return None
     from .formats.gguf_vocab import tokenizer_from_gguf
 
-    backend = tokenizer_from_gguf(gf.metadata)
+    backend = tokenizer_from_gguf(gf.metadata, source=str(path))
     meta = gf.metadata
     tokens = meta.get("tokenizer.ggml.tokens") or []
 
@@ -55,7 +55,7 @@ def load_gguf(path: Path, *, dtype=None, device: str = "cpu", rope_scaling: dict
     path = Path(path)
     gf = gguf_format.read_gguf(path)
     shapes = {name: t.shape for name, t in gf.tensors.items()}
-    config = archs.config_from_gguf(gf.metadata, str(path), shapes)
+    config = archs.config_from_gguf(gf.metadata, str(path), shapes, rope_freqs=_rope_freqs(gf))
     config = _with_rope_override(config, rope_scaling)
     if config.rope_scaling is not None:
         normalize_rope_scaling(config.rope_scaling, source=str(path))
@@ -89,3 +89,8 @@ def _plain_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
         return torch.bfloat16
     return d
 
+
+def _rope_freqs(gf):
+    """llama.cpp's converter carries Llama-3.1 RoPE scaling only as this tensor."""
+    t = gf.tensors.get("rope_freqs.weight")
+    return None if t is None else t.data

@@ -11,7 +11,13 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import FuselmError
-from ..model.rope import RopeSpec, rope_base_from_gguf, rope_scaling_from_gguf, rope_scaling_gguf_keys
+from ..model.rope import (
+    RopeSpec,
+    rope_base_from_gguf,
+    rope_freq_factors,
+    rope_scaling_from_gguf,
+    rope_scaling_gguf_keys,
+)
 from .tensors import _rename
 
 # ---------------------------------------------------------------- GGUF name tables (llama.cpp's names)
@@ -160,6 +166,8 @@ def _check_gguf_expressible(config: ModelConfig) -> None:
             problems.append("llama.cpp's falcon architecture has only the parallel (parallel_attn=true) block")
         if c.qk_norm:
             problems.append("llama.cpp's falcon has no qk-norm")
+        if c.attention_bias or c.mlp_bias:
+            problems.append("llama.cpp's falcon has no linear biases")
     else:
         if c.norm_kind != "rms" or c.mlp_kind != "swiglu" or c.norm_bias:
             problems.append(f"{c.arch} needs RMSNorm without bias and a SwiGLU MLP")
@@ -167,6 +175,8 @@ def _check_gguf_expressible(config: ModelConfig) -> None:
             problems.append(f"llama.cpp's {c.arch} has no {c.block_kind} block")
         if c.qk_norm != (c.arch == "chameleon"):
             problems.append("qk-norm is part of llama.cpp's chameleon and absent from its llama")
+        if c.arch == "chameleon" and (c.attention_bias or c.mlp_bias):
+            problems.append("llama.cpp's chameleon has no output-projection or MLP biases")
     if problems:
         raise FuselmError("config cannot be written as GGUF: " + "; ".join(problems))
 
@@ -196,7 +206,8 @@ def config_to_gguf_metadata(config: ModelConfig) -> dict[str, bool | int | float
         md[_arch_key(gguf.Keys.Attention.LAYERNORM_RMS_EPS, a)] = float(c.norm_eps)
     if a == "chameleon":
         md[_arch_key(gguf.Keys.LLM.SWIN_NORM, a)] = c.block_kind == "swin_norm"
-    if c.head_dim * c.num_attention_heads != c.hidden_size:
+    # The converter writes these whenever config.json has head_dim, which transformers now saves for llama.
+    if a == "llama" or c.head_dim * c.num_attention_heads != c.hidden_size:
         md[_arch_key(gguf.Keys.Attention.KEY_LENGTH, a)] = c.head_dim
         md[_arch_key(gguf.Keys.Attention.VALUE_LENGTH, a)] = c.head_dim
     spec = RopeSpec(head_dim=c.head_dim, base=float(c.rope_theta), max_position_embeddings=c.max_position_embeddings,
@@ -215,6 +226,48 @@ def config_to_gguf_metadata(config: ModelConfig) -> dict[str, bool | int | float
     return md
 
 
+def _rope_spec(config: ModelConfig, scaling: dict | None) -> RopeSpec:
+    return RopeSpec(head_dim=config.head_dim, base=float(config.rope_theta),
+                    max_position_embeddings=config.max_position_embeddings, scaling=scaling)
+
+
+def gguf_extra_tensors(config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Tensors llama.cpp needs besides the weights: `rope_freqs.weight` carries Llama-3.1 (llama3) RoPE scaling,
+    which has no metadata key. Only llama.cpp's llama graph reads it (its falcon and chameleon reject the tensor)."""
+    if config.arch != "llama":
+        return {}
+    factors = rope_freq_factors(_rope_spec(config, config.rope_scaling))
+    return {} if factors is None else {"rope_freqs.weight": factors}
+
+
+def llama3_scaling_from_rope_freqs(config: ModelConfig, factors: np.ndarray, source: str) -> dict | None:
+    """Recover the llama3 scaling dict from llama.cpp's `rope_freqs.weight` (what its converter writes for
+    Llama-3.1/3.2 instead of keys). Frequencies in the middle band fix the original context; low/high freq factors
+    are Meta's 1 and 4. Raises when no llama3 dict reproduces the factors."""
+    factors = np.asarray(factors, dtype=np.float64).reshape(-1)
+    if factors.shape != (config.head_dim // 2,):
+        raise FuselmError(f"{source}: rope_freqs.weight has {factors.size} values; expected head_dim / 2 = "
+                          f"{config.head_dim // 2}")
+    if np.all(factors == 1):
+        return None
+    s = float(factors.max())
+    inv_freq = 1.0 / (float(config.rope_theta) ** (np.arange(0, config.head_dim, 2) / config.head_dim))
+    wavelen = 2 * np.pi / inv_freq
+    middle = (factors > 1 + 1e-6) & (factors < s - 1e-6)
+    candidates = [8192, 4096, 2048, 16384, 32768, 65536, 131072]
+    if middle.any():  # invert divisor = 1 / ((1 - smooth) / s + smooth), smooth = (L / wavelen - 1) / 3
+        smooth = (1 / factors[middle] - 1 / s) / (1 - 1 / s)
+        candidates.insert(0, int(round(float(np.median(wavelen[middle] * (1 + 3 * smooth))))))
+    for n_ctx in candidates:
+        scaling = {"rope_type": "llama3", "factor": s, "original_max_position_embeddings": n_ctx,
+                   "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+        fitted = rope_freq_factors(_rope_spec(config, scaling)).double().numpy()
+        if np.allclose(fitted, factors, rtol=1e-5, atol=1e-6):
+            return scaling
+    raise FuselmError(f"{source}: rope_freqs.weight does not match Llama-3.1 (llama3) RoPE scaling with low/high "
+                      "frequency factors 1 and 4; fuselm cannot run these frequencies")
+
+
 def _single(value, key: str, source: str) -> int:
     """llama.cpp allows per-layer arrays for head counts and ffn length; fuselm needs them uniform."""
     if isinstance(value, (list, tuple, np.ndarray)):
@@ -225,11 +278,13 @@ def _single(value, key: str, source: str) -> int:
     return int(value)
 
 
-def config_from_gguf(metadata: Mapping, source: str, tensors: Mapping[str, tuple] | Iterable[str] = ()) -> ModelConfig:
+def config_from_gguf(metadata: Mapping, source: str, tensors: Mapping[str, tuple] | Iterable[str] = (), *,
+                     rope_freqs: np.ndarray | None = None) -> ModelConfig:
     """GGUF metadata (+ tensor names, or name -> shape) -> ModelConfig. Missing keys raise FuselmError.
 
     Tensor names decide what llama.cpp decides from tensors too: output.weight absent -> tied embeddings; biases;
-    Falcon-40B style (a second norm per layer, blk.N.attn_norm_2) versus Falcon-7B style.
+    Falcon-40B style (a second norm per layer, blk.N.attn_norm_2) versus Falcon-7B style. When the file has
+    `rope_freqs.weight` (llama.cpp's Llama-3.1 scaling) and no fuselm rope keys, pass its values as `rope_freqs`.
     """
     def get(key: str, default=_MISSING):
         if key in metadata and metadata[key] is not None:
@@ -290,6 +345,12 @@ def config_from_gguf(metadata: Mapping, source: str, tensors: Mapping[str, tuple
         eos_token_ids=tuple(int(i) for i in eos_ids),
         pad_token_id=_optional_int(get(gguf.Keys.Tokenizer.PAD_ID, None)),
     )
+    if "rope_freqs.weight" in names and common["rope_scaling"] is None:
+        if rope_freqs is None:
+            raise FuselmError(f"{source}: the file scales RoPE through rope_freqs.weight; pass its values to "
+                              "config_from_gguf(rope_freqs=...)")
+        probe = ModelConfig(**common)  # rope fields only; the norm fields below do not matter for the fit
+        common["rope_scaling"] = llama3_scaling_from_rope_freqs(probe, rope_freqs, source)
     if arch == "falcon":
         two_norms = "blk.0.attn_norm_2.weight" in names
         new_arch = two_norms or kv_heads > 1  # HF's fused-qkv layout; only matters when writing HF files

@@ -35,9 +35,10 @@ import torch
 from gguf import GGMLQuantizationType, GGUFValueType
 from tqdm import tqdm
 
-from ..archs.gguf import config_to_gguf_metadata
+from ..archs.gguf import config_to_gguf_metadata, gguf_extra_tensors
 from ..config import ModelConfig
 from ..errors import FuselmError
+from .gguf_vocab import tokenizer_to_gguf
 
 GGUF_MAGIC = 0x46554747  # b"GGUF" little-endian
 SUPPORTED_VERSIONS = (2, 3)
@@ -386,7 +387,7 @@ def _value_type(key: str, value) -> tuple[GGUFValueType, GGUFValueType | None, A
     """(type, array item type, value as the writer wants it) for a metadata value; None skips it (empty array)."""
     if isinstance(value, (bool, np.bool_)):
         return GGUFValueType.BOOL, None, bool(value)
-    if isinstance(value, np.generic):
+    if isinstance(value, np.generic) and value.dtype in _VALUE_TYPE_OF_DTYPE:
         return _VALUE_TYPE_OF_DTYPE[value.dtype], None, value.item()
     if isinstance(value, int):
         return _int_type([value]), None, value
@@ -477,10 +478,9 @@ def write_gguf(path: str | os.PathLike, config: ModelConfig, tensors: Mapping[st
                progress: bool = True) -> Path:
     """Write a model GGUF that llama.cpp loads: config keys (archs.config_to_gguf_metadata), the tokenizer as
     tokenizer.ggml.* (a `tokenizers.Tokenizer`, or tokenizer.* metadata read from another GGUF), tensors under
-    GGUF names in GGUF layouts (archs.internal_to_gguf). extra_metadata is written last (e.g. general.file_type
-    from a quantization mix). Returns the path."""
-    from .gguf_vocab import tokenizer_to_gguf  # late: gguf_vocab imports tokenizers only when used
-
+    GGUF names in GGUF layouts (archs.internal_to_gguf), plus what llama.cpp needs for the config
+    (archs.gguf_extra_tensors: rope_freqs.weight for llama3 scaling). extra_metadata is written last (e.g.
+    general.file_type from a quantization mix). Returns the path."""
     metadata: dict[str, Any] = {}
     if tokenizer is not None:
         if isinstance(tokenizer, Mapping):
@@ -490,6 +490,9 @@ def write_gguf(path: str | os.PathLike, config: ModelConfig, tensors: Mapping[st
     metadata.update(config_to_gguf_metadata(config))  # config's special ids win over the tokenizer's
     if chat_template:
         metadata[gguf.Keys.Tokenizer.CHAT_TEMPLATE] = chat_template
+    tensors = dict(tensors)
+    for name, t in gguf_extra_tensors(config).items():  # e.g. rope_freqs.weight for llama3 RoPE scaling
+        tensors.setdefault(name, (t, "F32"))
     plans = [_plan_tensor(name, value) for name, value in tensors.items()]
     metadata[gguf.Keys.General.FILE_TYPE] = _file_type(plans)
     metadata[gguf.Keys.General.QUANTIZATION_VERSION] = QUANTIZATION_VERSION

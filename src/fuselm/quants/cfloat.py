@@ -1,93 +1,102 @@
-"""float32 arithmetic that rounds exactly like ggml's C reference quantizers.
+"""float32 numpy arithmetic that rounds exactly like ggml's C reference quantizers.
 
 The C code does every step in `float` (no FMA in libggml-base), accumulates sums one element at a time,
-and rounds with `nearest_int` (round half to even) or `roundf` (half away from zero). Reproducing its bytes
-needs the same rounding at every step, so these helpers avoid the few torch shortcuts that round
-differently: `c / t` for a Python scalar `c` (torch multiplies by a reciprocal), vectorized `sqrt`
-(not correctly rounded on CPU), and `sum` (pairwise order).
+rounds with `nearest_int` (round half to even) or `roundf` (half away from zero), and stores fp16 with
+round-to-nearest-even. numpy float32 ufuncs round each operation the same way; the helpers here cover the
+rest: sequential sums, first-occurrence extremes, C rounding modes, and a fast exact select.
+numpy rather than torch on these paths: torch's CPU sqrt and scalar-by-tensor division round differently,
+its comparisons and where are several times slower, and numpy releases the GIL for chunk-level threads.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-GROUP_MAX_EPS = 1e-15  # ggml: blocks with max |x| below this quantize to zero
-
-
-def rdiv(c: float, t: torch.Tensor) -> torch.Tensor:
-    """float(c) / t with a single rounding, as C's `c / t`."""
-    return torch.div(torch.tensor(c, dtype=torch.float32), t)
+GROUP_MAX_EPS = np.float32(1e-15)  # ggml: groups with max |x| below this quantize to zero
+F32 = np.float32
 
 
-def nearest_int(t: torch.Tensor) -> torch.Tensor:
-    """ggml's nearest_int (the 12582912.f trick) as a float tensor: round half to even for |t| < 2**22."""
-    return torch.round(t)
+def rdiv(c: float, a: np.ndarray) -> np.ndarray:
+    """float(c) / a, as C's `c / a`."""
+    return F32(c) / a
 
 
-def roundf(t: torch.Tensor) -> torch.Tensor:
-    """C roundf: round half away from zero (rounding t + 0.5 in float32 would be off near halves)."""
-    whole = torch.trunc(t)
-    return whole + torch.where((t - whole).abs() >= 0.5, torch.sign(t), 0.0)
+def nearest_int(a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """ggml's nearest_int (the 12582912.f trick) as floats: round half to even for |a| < 2**22."""
+    return np.rint(a, out=out)
 
 
-def sqrtf(t: torch.Tensor) -> torch.Tensor:
-    """Correctly rounded float32 square root (numpy's; torch's vectorized sqrt is off by an ulp)."""
-    return torch.from_numpy(np.sqrt(t.contiguous().numpy()))
+def roundf(a: np.ndarray) -> np.ndarray:
+    """C roundf: round half away from zero (rounding a + 0.5 in float32 would be off near halves)."""
+    whole = np.trunc(a)
+    return whole + np.sign(a) * (np.abs(a - whole) >= 0.5)
 
 
-def fp16_round(t: torch.Tensor) -> torch.Tensor:
-    """GGML_FP16_TO_FP32(GGML_FP32_TO_FP16(t)): round to nearest even half, back to float32."""
-    return t.to(torch.float16).to(torch.float32)
+def fp16_round(a: np.ndarray) -> np.ndarray:
+    """GGML_FP16_TO_FP32(GGML_FP32_TO_FP16(a)): round to nearest even half, back to float32."""
+    return a.astype(np.float16).astype(F32)
 
 
-def fp16_bytes(t: torch.Tensor) -> torch.Tensor:
-    """fp16 little-endian bytes of t [N] as uint8 [N, 2]."""
-    return t.to(torch.float16).reshape(-1, 1).view(torch.uint8)
+def fp16_bytes(a: np.ndarray) -> np.ndarray:
+    """fp16 little-endian bytes of a [N] as uint8 [N, 2]."""
+    return a.astype("<f2").reshape(-1, 1).view(np.uint8)
 
 
-def seq_sum(t: torch.Tensor, from_zero: bool = True) -> torch.Tensor:
-    """Sum over dim 0 one element at a time, like C's `s = 0; for (...) s += t[i];`.
+def seq_sum(a: np.ndarray, from_zero: bool = True) -> np.ndarray:
+    """Sum over axis 0 one element at a time, like C's `s = 0; for (...) s += a[i];`.
 
-    from_zero=False begins from t[0] itself (C code that initialises the sum with the first term).
-    numpy reduces a non-innermost axis row by row in float32, which is exactly that order; a lone column
-    would make the summed axis innermost (pairwise summation), so it gets a dummy second column.
+    from_zero=False begins from a[0] itself (C code that initialises the sum with the first term).
+    numpy reduces a non-innermost axis row by row in the array's dtype, which is exactly that order; a lone
+    column would make the summed axis innermost (pairwise summation), so it gets a dummy second column.
     """
-    a = t.detach().contiguous().numpy()
-    flat = a.reshape(a.shape[0], -1)
-    if flat.shape[1] == 1:
+    flat = np.ascontiguousarray(a).reshape(a.shape[0], -1)
+    cols = flat.shape[1]
+    if cols == 1:
         flat = np.concatenate([flat, np.zeros_like(flat)], axis=1)
-    s = flat.sum(axis=0)[: a[0].size].reshape(a.shape[1:])
+    s = flat.sum(axis=0)[:cols].reshape(a.shape[1:])
     if from_zero:
-        s += np.float32(0)  # 0 + t0 + ... differs from t0 + ... only in the sign of a zero total
-    return torch.from_numpy(s)
+        s += F32(0)  # 0 + a0 + ... differs from a0 + ... only in the sign of a zero total
+    return s
 
 
-def signed_absmax(t: torch.Tensor, dim: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(amax, max): largest |t| along dim and the signed value where it first occurs.
+def select(mask: np.ndarray, a: np.ndarray | float, b: np.ndarray) -> np.ndarray:
+    """Exact float32 `mask ? a : b` (a bit select; np.where is slow on unpredictable masks)."""
+    bi = b.view(np.int32)
+    ai = np.full_like(b, a).view(np.int32) if np.ndim(a) == 0 else a.view(np.int32)
+    m = mask.view(np.int8).astype(np.int32)
+    np.negative(m, out=m)  # all ones where mask
+    return ((ai ^ bi) & m ^ bi).view(F32)
+
+
+def signed_absmax(a: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(amax, max): largest |a| along axis and the signed value where it first occurs.
 
     Mirrors `if (fabsf(v) > amax) { amax = fabsf(v); max = v; }` from amax = max = 0: ties keep the first
     element and an all-zero group gives max = +0.0 (even if its elements are -0.0).
     """
-    a = t.abs()
-    idx = a.argmax(dim=dim, keepdim=True)
-    amax = a.gather(dim, idx).squeeze(dim)
-    val = t.gather(dim, idx).squeeze(dim)
-    return amax, torch.where(amax > 0, val, 0.0)
+    mag = np.abs(a)
+    idx = np.expand_dims(mag.argmax(axis=axis), axis)
+    amax = np.take_along_axis(mag, idx, axis).squeeze(axis)
+    val = np.take_along_axis(a, idx, axis).squeeze(axis)
+    return amax, np.where(amax > 0, val, F32(0))
 
 
-def positive_max(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """`m = 0; if (v > m) m = v;` along dim: max(0, t) with +0.0 when nothing is positive."""
-    m = t.amax(dim=dim)
-    return torch.where(m > 0, m, 0.0)
+def positive_max(a: np.ndarray, axis: int) -> np.ndarray:
+    """`m = 0; if (v > m) m = v;` along axis: max(0, a) with +0.0 when nothing is positive."""
+    m = a.max(axis=axis)
+    return np.where(m > 0, m, F32(0))
 
 
+def first_extreme(a: np.ndarray, axis: int, largest: bool) -> np.ndarray:
+    """`m = a[0]; if (v < m) m = v;` (or `>`) along axis: the extreme value as first met.
 
-def first_extreme(t: torch.Tensor, dim: int, largest: bool) -> torch.Tensor:
-    """`m = t[0]; if (v < m) m = v;` (or `>`) along dim: the extreme value as first met.
-
-    Differs from amin/amax only in the sign of a zero result, which lands in the stored fp16 bytes.
+    Differs from min/max only in the sign of a zero result, which lands in the stored fp16 bytes.
     """
-    m = t.amax(dim=dim, keepdim=True) if largest else t.amin(dim=dim, keepdim=True)
-    idx = (t == m).to(torch.uint8).argmax(dim=dim, keepdim=True)
-    return t.gather(dim, idx).squeeze(dim)
+    idx = np.expand_dims(a.argmax(axis=axis) if largest else a.argmin(axis=axis), axis)
+    return np.take_along_axis(a, idx, axis).squeeze(axis)
+
+
+def inverse(d: np.ndarray) -> np.ndarray:
+    """`d ? 1.0f/d : 0.0f`."""
+    with np.errstate(divide="ignore"):
+        return np.where(d != 0, F32(1) / d, F32(0))

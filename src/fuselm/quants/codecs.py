@@ -7,6 +7,7 @@ bytes back to codes and scales. Rows are processed in chunks so that the search 
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,10 +21,10 @@ from fuselm.quants.unpacked import Unpacked
 
 @dataclass(frozen=True)
 class Codec:
-    quantize: Callable[[torch.Tensor], torch.Tensor]  # float32 blocks [N, block] -> uint8 [N, type_size]
+    quantize: Callable[[np.ndarray], np.ndarray]  # float32 blocks [N, block] -> uint8 [N, type_size] (numpy)
     unpack: Callable[[torch.Tensor], Unpacked] | None  # uint8 [N, type_size] -> codes/scales per block
     dequantize: Callable[[torch.Tensor], torch.Tensor] | None = None  # element-wise types only
-    chunk_elems: int = 1 << 20  # elements per quantize chunk (search buffers scale with it)
+    chunk_elems: int = 1 << 18  # elements per quantize chunk: the search buffers scale with it
 
 
 CODECS: dict[str, Codec] = {
@@ -35,13 +36,13 @@ CODECS: dict[str, Codec] = {
     "Q5_0": Codec(legacy.quantize_q5_0, legacy.unpack_q5_0),
     "Q5_1": Codec(legacy.quantize_q5_1, legacy.unpack_q5_1),
     "Q8_0": Codec(legacy.quantize_q8_0, legacy.unpack_q8_0),
-    "Q2_K": Codec(kquants.quantize_q2_k, kquants.unpack_q2_k, chunk_elems=1 << 16),
-    "Q3_K": Codec(kquants.quantize_q3_k, kquants.unpack_q3_k, chunk_elems=1 << 17),
-    "Q4_K": Codec(kquants.quantize_q4_k, kquants.unpack_q4_k, chunk_elems=1 << 15),
-    "Q5_K": Codec(kquants.quantize_q5_k, kquants.unpack_q5_k, chunk_elems=1 << 15),
-    "Q6_K": Codec(kquants.quantize_q6_k, kquants.unpack_q6_k, chunk_elems=1 << 16),
-    "IQ4_NL": Codec(iq4nl.quantize_iq4_nl, iq4nl.unpack_iq4_nl, chunk_elems=1 << 16),
-    "IQ4_XS": Codec(iq4nl.quantize_iq4_xs, iq4nl.unpack_iq4_xs, chunk_elems=1 << 16),
+    "Q2_K": Codec(kquants.quantize_q2_k, kquants.unpack_q2_k, chunk_elems=1 << 17),
+    "Q3_K": Codec(kquants.quantize_q3_k, kquants.unpack_q3_k, chunk_elems=1 << 18),
+    "Q4_K": Codec(kquants.quantize_q4_k, kquants.unpack_q4_k, chunk_elems=1 << 17),
+    "Q5_K": Codec(kquants.quantize_q5_k, kquants.unpack_q5_k, chunk_elems=1 << 17),
+    "Q6_K": Codec(kquants.quantize_q6_k, kquants.unpack_q6_k, chunk_elems=1 << 18),
+    "IQ4_NL": Codec(iq4nl.quantize_iq4_nl, iq4nl.unpack_iq4_nl, chunk_elems=1 << 18),
+    "IQ4_XS": Codec(iq4nl.quantize_iq4_xs, iq4nl.unpack_iq4_xs, chunk_elems=1 << 18),
 }
 
 
@@ -50,19 +51,26 @@ def _codec(type: str) -> tuple[str, Codec]:
     return name, CODECS[name]
 
 
-def _as_float_matrix(x: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
-    x = torch.as_tensor(x)
-    if x.ndim != 2:
-        raise FuselmError(f"tensor {name!r}: expected a 2-D [rows, cols] tensor to quantize, got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
+def _as_float_matrix(x: torch.Tensor | np.ndarray, name: str) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        if not x.is_floating_point():
+            raise FuselmError(f"tensor {name!r}: expected a floating-point tensor to quantize, got {x.dtype}")
+        x = x.detach().to("cpu", torch.float32).numpy()
+    x = np.asarray(x)
+    if x.dtype.kind != "f":
         raise FuselmError(f"tensor {name!r}: expected a floating-point tensor to quantize, got {x.dtype}")
-    return x.detach().to("cpu", torch.float32).contiguous()
+    if x.ndim != 2:
+        raise FuselmError(f"tensor {name!r}: expected a 2-D [rows, cols] tensor to quantize, got shape {x.shape}")
+    return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def quantize(x: torch.Tensor, type: str, *, name: str = "tensor") -> torch.Tensor:
+def quantize(
+    x: torch.Tensor | np.ndarray, type: str, *, name: str = "tensor", threads: int | None = None
+) -> torch.Tensor:
     """Quantize x [rows, cols] to GGML `type`: uint8 [rows, row_bytes], byte for byte what llama.cpp's
     ggml_quantize_chunk (no importance matrix) writes.
 
+    Rows go through in chunks, spread over `threads` worker threads (default torch.get_num_threads()).
     Raises FuselmError for an unknown type, cols not a multiple of the block size, or NaN/Inf values.
     """
     tname, codec = _codec(type)
@@ -73,16 +81,24 @@ def quantize(x: torch.Tensor, type: str, *, name: str = "tensor") -> torch.Tenso
         raise FuselmError(
             f"tensor {name!r}: row length {cols} is not a multiple of the {tname} block size {block}"
         )
-    if not bool(torch.isfinite(x).all()):
+    if not np.isfinite(x).all():
         raise FuselmError(f"tensor {name!r}: contains NaN or Inf values, cannot quantize to {tname}")
-    out = torch.empty((rows, row_bytes(tname, cols)), dtype=torch.uint8)
-    if block == 1:
-        return codec.quantize(x) if rows else out
-    step = max(1, codec.chunk_elems // cols)
-    for r0 in range(0, rows, step):
+    out = np.empty((rows, row_bytes(tname, cols)), dtype=np.uint8)
+    step = max(1, codec.chunk_elems // max(cols, 1))
+
+    def run(r0: int) -> None:
         chunk = x[r0 : r0 + step]
         out[r0 : r0 + step] = codec.quantize(chunk.reshape(-1, block)).reshape(chunk.shape[0], -1)
-    return out
+
+    starts = range(0, rows, step)
+    workers = min(len(starts), threads or torch.get_num_threads())
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(run, starts))  # numpy drops the GIL inside each operation
+    else:
+        for r0 in starts:
+            run(r0)
+    return torch.from_numpy(out)
 
 
 def _as_bytes(data: torch.Tensor | np.ndarray, type: str, shape: tuple[int, int]) -> torch.Tensor:

@@ -7,10 +7,12 @@ an fp16 super-scale, then re-derives every code from the fp16-rounded scales, as
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from fuselm.quants.bits import pack_bits, unpack_bits
+from fuselm.quants.bits import unpack_bits
 from fuselm.quants.cfloat import (
+    F32,
     GROUP_MAX_EPS,
     fp16_bytes,
     fp16_round,
@@ -19,44 +21,57 @@ from fuselm.quants.cfloat import (
     rdiv,
     seq_sum,
     signed_absmax,
-    sqrtf,
 )
 from fuselm.quants.ksearch import make_q3_quants, make_qkx2_quants, make_qx_quants
 from fuselm.quants.unpacked import Unpacked
 
 QK_K = 256
+_SHIFT2 = np.array([0, 2, 4, 6], dtype=np.uint8)
 
 
-def _groups(x: torch.Tensor, n: int) -> torch.Tensor:
+def _groups(x: np.ndarray, n: int) -> np.ndarray:
     """[N, 256] -> [n, N*256/n], element index first (the layout ksearch works in)."""
-    return x.reshape(-1, n).t().contiguous()
+    return np.ascontiguousarray(x.reshape(-1, n).T)
 
 
-def _blocks(L: torch.Tensor) -> torch.Tensor:
+def _blocks(L: np.ndarray) -> np.ndarray:
     """Inverse of _groups for the integer codes: [n, G] -> uint8 [N, 256]."""
-    return L.t().reshape(-1, QK_K).to(torch.uint8)
+    return L.T.reshape(-1, QK_K).astype(np.uint8)
 
 
-def _to_u8(t: torch.Tensor) -> torch.Tensor:
+def _to_u8(a: np.ndarray) -> np.ndarray:
     """C's int -> uint8_t store: keep the low 8 bits."""
-    return (t.to(torch.int32) & 0xFF).to(torch.uint8)
+    return (a.astype(np.int32) & 0xFF).astype(np.uint8)
 
 
-def _requantize(x: torch.Tensor, L: torch.Tensor, d: torch.Tensor, offset: torch.Tensor | None,
-                lo: int, hi: int, shift: int) -> torch.Tensor:
+def _requantize(x: np.ndarray, L: np.ndarray, d: np.ndarray, offset: np.ndarray | None,
+                lo: int, hi: int, shift: int) -> np.ndarray:
     """`if (d) L = clamp(nearest_int((x + offset)/d), lo, hi) + shift`, per group, from the stored fp16 scales.
 
     x, L [n, G]; d, offset [G]. Groups with d == 0 keep the search's L.
     """
     v = x if offset is None else x + offset
-    new = nearest_int(v / d).clamp_(lo, hi) + shift
-    return torch.where(d != 0, new, L)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        new = np.clip(nearest_int(v / d), lo, hi) + F32(shift)
+    np.copyto(L, new, where=d != 0)
+    return L
 
 
-def _pack_2bit(L: torch.Tensor) -> torch.Tensor:
+def _pack_2bit(L: np.ndarray) -> np.ndarray:
     """qs[32h + l] = L[128h + l] | L[128h + l + 32] << 2 | ... << 4 | ... << 6, L uint8 [N, 256] in 0..3."""
-    q = L.reshape(-1, 2, 4, 32) << torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 1, 4, 1)
-    return q.sum(2, dtype=torch.uint8).reshape(-1, 64)
+    q = L.reshape(-1, 2, 4, 32) << _SHIFT2.reshape(1, 1, 4, 1)
+    return np.bitwise_or.reduce(q, axis=2).reshape(-1, 64)
+
+
+def _pack_nibbles64(L: np.ndarray) -> np.ndarray:
+    """qs[32c + l] = L[64c + l] | L[64c + 32 + l] << 4, L uint8 [N, 256] in 0..15."""
+    q = L.reshape(-1, 4, 2, 32)
+    return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)
+
+
+def _pack_bits32(flags: np.ndarray) -> np.ndarray:
+    """flags [N, 256] -> [N, 32]: element 32k + j sets bit k of byte j."""
+    return np.packbits(flags.reshape(-1, 8, 32).transpose(0, 2, 1), axis=-1, bitorder="little").reshape(-1, 32)
 
 
 def _unpack_2bit(qs: torch.Tensor) -> torch.Tensor:
@@ -64,15 +79,14 @@ def _unpack_2bit(qs: torch.Tensor) -> torch.Tensor:
     return (q & 3).reshape(-1, QK_K)
 
 
-def _pack_nibbles64(L: torch.Tensor) -> torch.Tensor:
-    """qs[32c + l] = L[64c + l] | L[64c + 32 + l] << 4, L uint8 [N, 256] in 0..15."""
-    q = L.reshape(-1, 4, 2, 32)
-    return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)
-
-
 def _unpack_nibbles64(qs: torch.Tensor) -> torch.Tensor:
     q = qs.reshape(-1, 4, 1, 32)
     return torch.cat([q & 0xF, q >> 4], dim=2).reshape(-1, QK_K)
+
+
+def _unpack_bits32(b: torch.Tensor) -> torch.Tensor:
+    """Inverse of _pack_bits32: uint8 [N, 32] -> 0/1 [N, 256]."""
+    return unpack_bits(b).reshape(-1, 32, 8).transpose(1, 2).reshape(-1, QK_K)
 
 
 def _fp16(b: torch.Tensor) -> torch.Tensor:
@@ -82,10 +96,10 @@ def _fp16(b: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- Q4_K / Q5_K: 8 x 32, 6-bit scales and mins
 
 
-def _pack_scales_k4(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
+def _pack_scales_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
     """12 bytes from 8 six-bit scales and mins (get_scale_min_k4's layout)."""
-    lo = torch.cat([ls[:, :4] | ((ls[:, 4:] >> 4) << 6), lm[:, :4] | ((lm[:, 4:] >> 4) << 6)], dim=1)
-    return torch.cat([lo, (ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4)], dim=1)
+    lo = np.concatenate([ls[:, :4] | ((ls[:, 4:] >> 4) << 6), lm[:, :4] | ((lm[:, 4:] >> 4) << 6)], axis=1)
+    return np.concatenate([lo, (ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4)], axis=1)
 
 
 def _unpack_scales_k4(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,36 +109,36 @@ def _unpack_scales_k4(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sc, mn
 
 
-def _quantize_k45(x: torch.Tensor, nmax: int, rmin: float, nstep: int) -> tuple[torch.Tensor, ...]:
+def _quantize_k45(x: np.ndarray, nmax: int, rmin: float, nstep: int) -> tuple[np.ndarray, np.ndarray]:
     N = x.shape[0]
     xs = _groups(x, 32)
-    av_x = sqrtf(seq_sum(xs * xs) / 32)
-    scales, mins, L = make_qkx2_quants(xs, av_x + xs.abs(), nmax, rmin, 0.1, nstep, use_mad=False)
-    scales, mins = scales.view(N, 8), mins.view(N, 8)
+    av_x = np.sqrt(seq_sum(xs * xs) / F32(32))
+    scales, mins, L = make_qkx2_quants(xs, av_x + np.abs(xs), nmax, rmin, 0.1, nstep, use_mad=False)
+    scales, mins = scales.reshape(N, 8), mins.reshape(N, 8)
     max_scale = positive_max(scales, 1)
     max_min = positive_max(mins, 1)
-    inv_scale = torch.where(max_scale > 0, rdiv(63.0, max_scale), 0.0)
-    inv_min = torch.where(max_min > 0, rdiv(63.0, max_min), 0.0)
-    ls = _to_u8(nearest_int(inv_scale[:, None] * scales)).clamp_max(63)
-    lm = _to_u8(nearest_int(inv_min[:, None] * mins)).clamp_max(63)
-    d = max_scale / 63
-    dmin = max_min / 63
-    dj = (fp16_round(d)[:, None] * ls).reshape(-1)
-    mj = (fp16_round(dmin)[:, None] * lm).reshape(-1)
+    with np.errstate(divide="ignore"):
+        inv_scale = np.where(max_scale > 0, rdiv(63, max_scale), F32(0))
+        inv_min = np.where(max_min > 0, rdiv(63, max_min), F32(0))
+    ls = np.minimum(_to_u8(nearest_int(inv_scale[:, None] * scales)), 63)
+    lm = np.minimum(_to_u8(nearest_int(inv_min[:, None] * mins)), 63)
+    d = max_scale / F32(63)
+    dmin = max_min / F32(63)
+    dj = (fp16_round(d)[:, None] * ls.astype(F32)).reshape(-1)
+    mj = (fp16_round(dmin)[:, None] * lm.astype(F32)).reshape(-1)
     L = _blocks(_requantize(xs, L, dj, mj, 0, nmax, 0))
-    head = torch.cat([fp16_bytes(d), fp16_bytes(dmin), _pack_scales_k4(ls, lm)], dim=1)
+    head = np.concatenate([fp16_bytes(d), fp16_bytes(dmin), _pack_scales_k4(ls, lm)], axis=1)
     return head, L
 
 
-def quantize_q4_k(x: torch.Tensor) -> torch.Tensor:
+def quantize_q4_k(x: np.ndarray) -> np.ndarray:
     head, L = _quantize_k45(x, 15, -1.0, 20)
-    return torch.cat([head, _pack_nibbles64(L)], dim=1)
+    return np.concatenate([head, _pack_nibbles64(L)], axis=1)
 
 
-def quantize_q5_k(x: torch.Tensor) -> torch.Tensor:
+def quantize_q5_k(x: np.ndarray) -> np.ndarray:
     head, L = _quantize_k45(x, 31, -0.5, 15)
-    qh = pack_bits((L >> 4).reshape(-1, 8, 32).transpose(1, 2)).reshape(-1, 32)
-    return torch.cat([head, qh, _pack_nibbles64(L & 0xF)], dim=1)
+    return np.concatenate([head, _pack_bits32(L >> 4), _pack_nibbles64(L & 0xF)], axis=1)
 
 
 def _unpack_k45(b: torch.Tensor, codes: torch.Tensor) -> Unpacked:
@@ -140,30 +154,30 @@ def unpack_q4_k(b: torch.Tensor) -> Unpacked:
 
 def unpack_q5_k(b: torch.Tensor) -> Unpacked:
     """codes uint8 0..31, scale d*sc and min dmin*m per 32."""
-    high = unpack_bits(b[:, 16:48]).reshape(-1, 32, 8).transpose(1, 2).reshape(-1, QK_K)
-    return _unpack_k45(b, _unpack_nibbles64(b[:, 48:]) | (high << 4))
+    return _unpack_k45(b, _unpack_nibbles64(b[:, 48:]) | (_unpack_bits32(b[:, 16:48]) << 4))
 
 
 # ---------------------------------------------------------------- Q2_K: 16 x 16, 4-bit scales and mins
 
 
-def quantize_q2_k(x: torch.Tensor) -> torch.Tensor:
+def quantize_q2_k(x: np.ndarray) -> np.ndarray:
     N = x.shape[0]
     xs = _groups(x, 16)
-    scales, mins, L = make_qkx2_quants(xs, xs.abs(), 3, -0.5, 0.1, 15, use_mad=True)
-    scales, mins = scales.view(N, 16), mins.view(N, 16)
+    scales, mins, L = make_qkx2_quants(xs, np.abs(xs), 3, -0.5, 0.1, 15, use_mad=True)
+    scales, mins = scales.reshape(N, 16), mins.reshape(N, 16)
     max_scale = positive_max(scales, 1)
     max_min = positive_max(mins, 1)
-    has_scale, has_min = (max_scale > 0)[:, None], (max_min > 0)[:, None]
-    ls = torch.where(has_scale, nearest_int(rdiv(15.0, max_scale)[:, None] * scales), 0.0).to(torch.int32)
-    lm = torch.where(has_min, nearest_int(rdiv(15.0, max_min)[:, None] * mins), 0.0).to(torch.int32)
-    sc = _to_u8(ls | (lm << 4))
-    d = torch.where(has_scale[:, 0], max_scale / 15, 0.0)
-    dmin = torch.where(has_min[:, 0], max_min / 15, 0.0)
-    dj = (fp16_round(d)[:, None] * (sc & 0xF)).reshape(-1)
-    mj = (fp16_round(dmin)[:, None] * (sc >> 4)).reshape(-1)
+    has_scale, has_min = max_scale > 0, max_min > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ls = np.where(has_scale[:, None], nearest_int(rdiv(15, max_scale)[:, None] * scales), 0)
+        lm = np.where(has_min[:, None], nearest_int(rdiv(15, max_min)[:, None] * mins), 0)
+    sc = _to_u8(ls.astype(np.int32) | (lm.astype(np.int32) << 4))
+    d = np.where(has_scale, max_scale / F32(15), F32(0))
+    dmin = np.where(has_min, max_min / F32(15), F32(0))
+    dj = (fp16_round(d)[:, None] * (sc & 0xF).astype(F32)).reshape(-1)
+    mj = (fp16_round(dmin)[:, None] * (sc >> 4).astype(F32)).reshape(-1)
     L = _blocks(_requantize(xs, L, dj, mj, 0, 3, 0))
-    return torch.cat([sc, _pack_2bit(L), fp16_bytes(d), fp16_bytes(dmin)], dim=1)
+    return np.concatenate([sc, _pack_2bit(L), fp16_bytes(d), fp16_bytes(dmin)], axis=1)
 
 
 def unpack_q2_k(b: torch.Tensor) -> Unpacked:
@@ -176,30 +190,31 @@ def unpack_q2_k(b: torch.Tensor) -> Unpacked:
 # ---------------------------------------------------------------- Q3_K: 16 x 16, 6-bit signed scales
 
 
-def quantize_q3_k(x: torch.Tensor) -> torch.Tensor:
+def quantize_q3_k(x: np.ndarray) -> np.ndarray:
     N = x.shape[0]
     xs = _groups(x, 16)
     scales, L = make_q3_quants(xs, 4)
-    scales = scales.view(N, 16)
+    scales = scales.reshape(N, 16)
     _, max_scale = signed_absmax(scales, 1)
-    nonzero = (max_scale != 0)[:, None]
-    iscale = rdiv(-32.0, max_scale)
-    l8 = (nearest_int(iscale[:, None] * scales).to(torch.int32) + 128) & 0xFF  # int8_t store, offset by 128
-    l = torch.where(nonzero, (l8 - 128).clamp_(-32, 31) + 32, 0)
-    packed = torch.cat([
-        (l[:, :8] & 0xF) | ((l[:, 8:] & 0xF) << 4),
-        ((l >> 4).view(N, 4, 4) << torch.tensor([0, 2, 4, 6]).view(1, 4, 1)).sum(1),
-    ], dim=1).to(torch.uint8)
-    d = torch.where(nonzero[:, 0], 1.0 / iscale, 0.0)
-    dj = (fp16_round(d)[:, None] * (l - 32)).reshape(-1)
+    nonzero = max_scale != 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iscale = rdiv(-32, max_scale)
+        l8 = nearest_int(iscale[:, None] * scales)
+        l8 = np.where(nonzero[:, None], l8, 0).astype(np.int32)
+    l8 = ((l8 + 128) & 0xFF) - 128  # the int8_t store
+    l = np.where(nonzero[:, None], np.clip(l8, -32, 31) + 32, 0)
+    high = np.bitwise_or.reduce((l >> 4).reshape(N, 4, 4) << np.array([0, 2, 4, 6]).reshape(1, 4, 1), axis=1)
+    packed = np.concatenate([(l[:, :8] & 0xF) | ((l[:, 8:] & 0xF) << 4), high], axis=1).astype(np.uint8)
+    with np.errstate(divide="ignore"):
+        d = np.where(nonzero, F32(1) / iscale, F32(0))
+    dj = (fp16_round(d)[:, None] * (l - 32).astype(F32)).reshape(-1)
     L = _blocks(_requantize(xs, L, dj, None, -4, 3, 4))
-    hmask = pack_bits((L > 3).reshape(-1, 8, 32).transpose(1, 2)).reshape(-1, 32)
-    return torch.cat([hmask, _pack_2bit(L & 3), packed, fp16_bytes(d)], dim=1)
+    return np.concatenate([_pack_bits32(L > 3), _pack_2bit(L & 3), packed, fp16_bytes(d)], axis=1)
 
 
 def unpack_q3_k(b: torch.Tensor) -> Unpacked:
     """codes int8 -4..3, scale d*(sc - 32) per 16."""
-    hbit = unpack_bits(b[:, :32]).reshape(-1, 32, 8).transpose(1, 2).reshape(-1, QK_K)
+    hbit = _unpack_bits32(b[:, :32])
     codes = _unpack_2bit(b[:, 32:96]).to(torch.int8) - 4 * (1 - hbit.to(torch.int8))
     s = b[:, 96:108]
     low = torch.cat([s[:, :8] & 0xF, s[:, :8] >> 4], dim=1)
@@ -211,23 +226,26 @@ def unpack_q3_k(b: torch.Tensor) -> Unpacked:
 # ---------------------------------------------------------------- Q6_K: 16 x 16, int8 scales
 
 
-def quantize_q6_k(x: torch.Tensor) -> torch.Tensor:
+def quantize_q6_k(x: np.ndarray) -> np.ndarray:
     N = x.shape[0]
     xs = _groups(x, 16)
     scales, L = make_qx_quants(xs, 32)
-    scales = scales.view(N, 16)
+    scales = scales.reshape(N, 16)
     amax, max_scale = signed_absmax(scales, 1)
     zero = amax < GROUP_MAX_EPS
-    iscale = rdiv(-128.0, max_scale)
-    sc = nearest_int(iscale[:, None] * scales).clamp_max_(127).to(torch.int32)
-    d = 1.0 / iscale
-    dj = (fp16_round(d)[:, None] * sc).reshape(-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iscale = rdiv(-128, max_scale)
+        sc = np.minimum(nearest_int(iscale[:, None] * scales), 127)
+        sc = np.where(zero[:, None], 0, sc).astype(np.int32)
+        d = F32(1) / iscale
+    dj = (fp16_round(d)[:, None] * sc.astype(F32)).reshape(-1)
     L = _blocks(_requantize(xs, L, dj, None, -32, 31, 32)).reshape(N, 2, 4, 32)
     lo, hi = L & 0xF, L >> 4
     ql = (lo[:, :, :2] | (lo[:, :, 2:] << 4)).reshape(N, 128)
-    qh = (hi << torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 1, 4, 1)).sum(2, dtype=torch.uint8)
-    out = torch.cat([ql, qh.reshape(N, 64), _to_u8(sc), fp16_bytes(d)], dim=1)
-    return torch.where(zero[:, None], 0, out).to(torch.uint8)
+    qh = np.bitwise_or.reduce(hi << _SHIFT2.reshape(1, 1, 4, 1), axis=2).reshape(N, 64)
+    out = np.concatenate([ql, qh, _to_u8(sc), fp16_bytes(d)], axis=1)
+    out[zero] = 0
+    return out
 
 
 def unpack_q6_k(b: torch.Tensor) -> Unpacked:

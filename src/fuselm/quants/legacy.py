@@ -1,75 +1,71 @@
 """Legacy 32-element block types Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (ggml's quantize_row_*_ref).
 
-Each quantize_* maps float32 blocks [N, 32] to their bytes [N, type_size]; each unpack_* maps bytes back to
-codes and scales. Indices come from the unrounded fp32 scale; Q4_x/Q5_x truncate `x*id + 8.5f` (no FMA, no
-round), Q8_0 uses roundf.
+quantize_*: float32 blocks [N, 32] (numpy) -> bytes [N, type_size]. unpack_*: bytes (torch) -> codes and
+scales. Codes come from the unrounded fp32 scale; Q4_x/Q5_x truncate `x*id + 8.5f` (a plain float multiply
+then add, as libggml-base has no FMA), Q8_0 uses roundf.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from fuselm.quants.bits import pack_bits, unpack_bits
-from fuselm.quants.cfloat import first_extreme, fp16_bytes, roundf, signed_absmax
+from fuselm.quants.bits import unpack_bits
+from fuselm.quants.cfloat import F32, first_extreme, fp16_bytes, inverse, roundf, signed_absmax
 from fuselm.quants.unpacked import Unpacked
 
 
-def _inverse(d: torch.Tensor) -> torch.Tensor:
-    """`id = d ? 1.0f/d : 0.0f`."""
-    return torch.where(d != 0, 1.0 / d, 0.0)
-
-
-def _nibbles(q: torch.Tensor) -> torch.Tensor:
+def _nibbles(q: np.ndarray) -> np.ndarray:
     """Elements 0..15 in the low nibbles, 16..31 in the high nibbles."""
     return (q[:, :16] & 0xF) | (q[:, 16:] << 4)
 
 
-def _high_bits(q: torch.Tensor) -> torch.Tensor:
+def _high_bits(q: np.ndarray) -> np.ndarray:
     """uint32 qh, little-endian: bit i is bit 4 of q[i]."""
-    return pack_bits(q >> 4)
+    return np.packbits(q >> 4, axis=1, bitorder="little")
 
 
-def _symmetric(x: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _symmetric(x: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
     """Q4_0/Q5_0: d = max / -levels, q = MIN(2*levels - 1, (int)(x*id + levels + 0.5f))."""
-    _, mx = signed_absmax(x, dim=1)
-    d = mx / -levels
-    q = torch.trunc(x * _inverse(d)[:, None] + (levels + 0.5)).clamp_max(2 * levels - 1)
-    return d, q.to(torch.uint8)
+    _, mx = signed_absmax(x, axis=1)
+    d = mx / F32(-levels)
+    q = np.trunc(x * inverse(d)[:, None] + F32(levels + 0.5))
+    return d, np.minimum(q, 2 * levels - 1).astype(np.uint8)
 
 
-def _asymmetric(x: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _asymmetric(x: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Q4_1/Q5_1: d = (max - min) / top, q = (int)((x - min)*id + 0.5f)."""
     mn = first_extreme(x, 1, largest=False)
     mx = first_extreme(x, 1, largest=True)
-    d = (mx - mn) / top
-    q = torch.trunc((x - mn[:, None]) * _inverse(d)[:, None] + 0.5).clamp_max(top)
-    return d, mn, q.to(torch.uint8)
+    d = (mx - mn) / F32(top)
+    q = np.trunc((x - mn[:, None]) * inverse(d)[:, None] + F32(0.5))
+    return d, mn, np.minimum(q, top).astype(np.uint8)
 
 
-def quantize_q4_0(x: torch.Tensor) -> torch.Tensor:
+def quantize_q4_0(x: np.ndarray) -> np.ndarray:
     d, q = _symmetric(x, 8)
-    return torch.cat([fp16_bytes(d), _nibbles(q)], dim=1)
+    return np.concatenate([fp16_bytes(d), _nibbles(q)], axis=1)
 
 
-def quantize_q5_0(x: torch.Tensor) -> torch.Tensor:
+def quantize_q5_0(x: np.ndarray) -> np.ndarray:
     d, q = _symmetric(x, 16)
-    return torch.cat([fp16_bytes(d), _high_bits(q), _nibbles(q)], dim=1)
+    return np.concatenate([fp16_bytes(d), _high_bits(q), _nibbles(q)], axis=1)
 
 
-def quantize_q4_1(x: torch.Tensor) -> torch.Tensor:
+def quantize_q4_1(x: np.ndarray) -> np.ndarray:
     d, mn, q = _asymmetric(x, 15)
-    return torch.cat([fp16_bytes(d), fp16_bytes(mn), _nibbles(q)], dim=1)
+    return np.concatenate([fp16_bytes(d), fp16_bytes(mn), _nibbles(q)], axis=1)
 
 
-def quantize_q5_1(x: torch.Tensor) -> torch.Tensor:
+def quantize_q5_1(x: np.ndarray) -> np.ndarray:
     d, mn, q = _asymmetric(x, 31)
-    return torch.cat([fp16_bytes(d), fp16_bytes(mn), _high_bits(q), _nibbles(q)], dim=1)
+    return np.concatenate([fp16_bytes(d), fp16_bytes(mn), _high_bits(q), _nibbles(q)], axis=1)
 
 
-def quantize_q8_0(x: torch.Tensor) -> torch.Tensor:
-    d = x.abs().amax(dim=1) / 127
-    q = roundf(x * _inverse(d)[:, None]).to(torch.int8)
-    return torch.cat([fp16_bytes(d), q.view(torch.uint8)], dim=1)
+def quantize_q8_0(x: np.ndarray) -> np.ndarray:
+    d = np.abs(x).max(axis=1) / F32(127)
+    q = roundf(x * inverse(d)[:, None]).astype(np.int8)
+    return np.concatenate([fp16_bytes(d), q.view(np.uint8)], axis=1)
 
 
 def _fp16(b: torch.Tensor) -> torch.Tensor:

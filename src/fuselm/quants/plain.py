@@ -2,25 +2,24 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
-def quantize_f32(x: torch.Tensor) -> torch.Tensor:
-    return x.contiguous().view(torch.uint8)
+def quantize_f32(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype="<f4").view(np.uint8)
 
 
-def quantize_f16(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.float16).view(torch.uint8)
+def quantize_f16(x: np.ndarray) -> np.ndarray:
+    return x.astype("<f2").view(np.uint8)
 
 
-def quantize_bf16(x: torch.Tensor) -> torch.Tensor:
+def quantize_bf16(x: np.ndarray) -> np.ndarray:
     """ggml_compute_fp32_to_bf16: round to nearest even on the bits; NaN becomes a quiet NaN."""
-    u = x.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
     rounded = (u + (0x7FFF + ((u >> 16) & 1))) >> 16
-    quiet_nan = (u >> 16) | 64
-    bits = torch.where((u & 0x7FFFFFFF) > 0x7F800000, quiet_nan, rounded).to(torch.int32)
-    rows, cols = x.shape
-    return bits.view(torch.uint8).reshape(rows, cols, 4)[..., :2].reshape(rows, 2 * cols)
+    bits = np.where((u & 0x7FFFFFFF) > 0x7F800000, (u >> 16) | 64, rounded)
+    return bits.astype("<u2").view(np.uint8)
 
 
 def dequantize_f32(data: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,140 @@
+"""One quantized matmul, per GGML type: decode GEMV speed, prefill GEMM speed, and error.
+
+    .venv/bin/python benchmarks/kernels.py [--threads 2] [--types Q4_K,Q8_0] [--reps 30]
+
+For each type and each weight shape (5632x2048 and 2048x2048, TinyLlama's FFN and attention), it prints
+- GEMV (M=1): best and median time, and effective GB/s = weight file bytes / best time. The weights are
+  cycled through copies larger than the CPU's last-level cache, so the bytes really come from DRAM
+  ("hot" repeats one copy, which may sit in cache);
+- prefill (M=128): best time and TFLOP/s (2*M*N*K / time);
+- error vs "dequantize, then float64 dense": max |y - y_ref| / max |y_ref|, for M=1 and M=128.
+Reference rows: a raw DRAM read of the same bytes, torch bf16 F.linear, and torch's int4 packed GEMV
+(`_weight_int4pack_mm_for_cpu`, group 32), the candidates the kernel choice was measured against.
+Times are the best of --reps runs: other processes on a shared machine only ever make runs slower.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from fuselm.quants import quantize
+from fuselm.quants.kernels import QuantLinear, set_threads
+from fuselm.quants.tensor import QuantizedWeight
+
+TYPES = ["F16", "BF16", "Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0", "IQ4_NL", "Q3_K", "Q2_K"]
+SHAPES = [(5632, 2048), (2048, 2048)]
+COLD_BYTES = 1200 << 20  # > the 480 MiB L3 of the reference machine
+
+
+def timed(fn, reps: int) -> tuple[float, float]:
+    fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return min(ts), statistics.median(ts)
+
+
+def make_weight(qtype: str, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(GGML bytes [n, row_bytes], float32 source) from 256 random rows tiled to n rows (quantizing is slow)."""
+    base = torch.randn(256, k)
+    q = quantize(base, qtype)
+    reps = (n + 255) // 256
+    return q.repeat(reps, 1)[:n].contiguous(), base.repeat(reps, 1)[:n]
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.double() - ref).abs().max() / ref.abs().max()).item()
+
+
+def bench_type(qtype: str, n: int, k: int, reps: int) -> str:
+    data, _ = make_weight(qtype, n, k)
+    nbytes = data.numel()
+    copies = max(2, COLD_BYTES // nbytes)
+    pool = data.unsqueeze(0).expand(copies, *data.shape).contiguous()
+    layers = [QuantLinear(QuantizedWeight(pool[i], qtype, (n, k))) for i in range(copies)]
+    x1 = torch.randn(1, k)
+    it = iter(range(1 << 30))
+
+    def cold() -> None:
+        layers[next(it) % copies](x1)
+
+    hot_best, _ = timed(lambda: layers[0](x1), reps)
+    best, med = timed(cold, reps * 2)
+    xp = torch.randn(128, k)
+    p_best, _ = timed(lambda: layers[0](xp), max(3, reps // 3))
+    w = layers[0].weight.dequantize().double()
+    e1 = rel_err(layers[0](x1), x1.double() @ w.T)
+    e128 = rel_err(layers[0](xp), xp.double() @ w.T)
+    del pool, layers
+    return (
+        f"{qtype:7s} {n:5d}x{k:<5d} {layers_backend(qtype):6s} GEMV {best * 1e3:7.3f} ms (median {med * 1e3:7.3f}) "
+        f"{nbytes / best / 1e9:5.1f} GB/s  hot {nbytes / hot_best / 1e9:5.1f} GB/s | "
+        f"prefill M=128 {p_best * 1e3:7.2f} ms {2 * 128 * n * k / p_best / 1e12:5.2f} TFLOP/s | "
+        f"err M=1 {e1:.1e} M=128 {e128:.1e}"
+    )
+
+
+def layers_backend(qtype: str) -> str:
+    from fuselm.quants.kernels import _default_backend
+
+    return _default_backend(qtype)
+
+
+def reference_rows(n: int, k: int, reps: int) -> list[str]:
+    rows = []
+    nbytes = n * k // 2 + n * k // 32 * 2  # a Q4_0-sized buffer
+    copies = max(2, COLD_BYTES // nbytes)
+    buf = torch.randint(0, 255, (copies, nbytes), dtype=torch.uint8)
+    it = iter(range(1 << 30))
+    best, _ = timed(lambda: buf[next(it) % copies].sum(dtype=torch.int32), reps * 2)
+    rows.append(f"{'read':7s} {n:5d}x{k:<5d} torch  sum of {nbytes / 1e6:.1f} MB: {nbytes / best / 1e9:5.1f} GB/s (DRAM)")
+    wb = torch.randn(n, k).bfloat16()
+    copies_b = max(2, COLD_BYTES // (2 * n * k))
+    ws = [wb.clone() for _ in range(copies_b)]
+    xb = torch.randn(1, k).bfloat16()
+    best, _ = timed(lambda: torch.nn.functional.linear(xb, ws[next(it) % copies_b]), reps * 2)
+    rows.append(f"{'bf16':7s} {n:5d}x{k:<5d} torch  F.linear GEMV {best * 1e3:7.3f} ms {2 * n * k / best / 1e9:5.1f} GB/s")
+    del ws
+    try:
+        q = torch.randint(0, 16, (n, k), dtype=torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+        sz = torch.randn(k // 32, n, 2).bfloat16()
+        packs = [packed.clone() for _ in range(max(2, COLD_BYTES // packed.numel()))]
+        best, _ = timed(
+            lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packs[next(it) % len(packs)], 32, sz), reps * 2
+        )
+        rows.append(
+            f"{'int4pk':7s} {n:5d}x{k:<5d} torch  _weight_int4pack_mm_for_cpu GEMV {best * 1e3:7.3f} ms "
+            f"{packed.numel() / best / 1e9:5.1f} GB/s (int4 bytes only)"
+        )
+    except (RuntimeError, AttributeError) as e:  # op missing in this torch build
+        rows.append(f"int4pack unavailable: {e}")
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--types", default=",".join(TYPES))
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--no-reference", action="store_true", help="skip the torch reference rows")
+    args = ap.parse_args()
+    set_threads(args.threads)
+    torch.manual_seed(0)
+    print(f"threads={args.threads}  torch {torch.__version__}")
+    for n, k in SHAPES:
+        if not args.no_reference:
+            for row in reference_rows(n, k, args.reps):
+                print(row, flush=True)
+        for qtype in args.types.split(","):
+            print(bench_type(qtype.strip().upper(), n, k, args.reps), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,409 @@
+"""Mixed-modal generation: text and images in one token stream (Chameleon, Anole, Lumina-mGPT).
+
+One KV cache holds the sequence. At each begin-of-image, when guidance is on, the guidance rows (Meta: the
+context with its text removed, and `[bos]`; Lumina: nothing before boi) are prefilled and joined in one batch
+with a copy of the main row's cache, left-padded to line up; every image token then costs one batched forward.
+At end-of-image the main row's new positions are copied back and the guidance rows dropped. Nothing is
+re-prefilled at a modality switch (Meta's reference re-prefills the whole context at each switch).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+
+import torch
+from PIL import Image
+
+from ..errors import FuselmError
+from ..model.cache import KVCache
+from ..model.transformer import Transformer
+from ..vision import ImageVocab
+from .generate import DEFAULT_SAMPLING, default_stop_ids, encode_prompt, generate_text, is_chat
+from .loop import GenState, LogitsProcessor
+from .processors import (
+    IMAGES_MODES,
+    LATENT_PER_GRID,
+    ClassifierFreeGuidance,
+    ImageLayout,
+    ModalityMachine,
+    TokenRoles,
+)
+from .sampling import SamplingParams, sample
+from .stream import Done, Event, ImageDone, ImageProgress, ImageStart, TextDelta, TextStream
+
+LAYOUTS = ("chameleon", "lumina")
+# Meta's Options.Text / Options.Image defaults; Lumina-mGPT's inference defaults (text_top_k 10, image_top_k 2000).
+META_TEXT = SamplingParams(temperature=0.7, top_p=0.9, repetition_penalty=1.2)
+META_IMAGE = SamplingParams(temperature=0.7, top_p=0.9)
+LUMINA_TEXT = SamplingParams(temperature=1.0, top_k=10)
+LUMINA_IMAGE = SamplingParams(temperature=1.0, top_k=2000)
+PARTIAL_BACKGROUND = (255, 255, 255)
+
+
+def generate_mixed(model, prompt, *, max_tokens: int = 256, sampling: SamplingParams | None = None,
+                   seed: int | None = 0, stop: Sequence[str] = (), stop_token_ids: Sequence[int] | None = None,
+                   processors: Sequence[LogitsProcessor] = (), images: str = "off", layout: str = "chameleon",
+                   image_size: tuple[int, int] | None = None, cfg: str | None = None, cfg_text: float = 3.0,
+                   cfg_image: float = 1.2, cfg_scale: float = 3.0, text_sampling: SamplingParams | None = None,
+                   image_sampling: SamplingParams | None = None, progress_every: int = 8,
+                   **unknown) -> Iterator[Event]:
+    """Stream TextDelta / ImageStart / ImageProgress / ImageDone events, then Done.
+
+    prompt: a string, chat messages, token ids, or a list of strings and PIL images (images are tokenized with
+    `model.image_tokenizer` and placed as boi + tokens + eoss).
+    images: "off" (text only), "on" (the model may start an image when one still fits), "only" (boi is appended
+    to the prompt; one image, then stop; `max_tokens` is not used).
+    layout: "chameleon" (h*w tokens) or "lumina" (size tokens and a row-end token after each row).
+    image_size: (height, width) in pixels of generated images. Default: the image tokenizer's size; with the
+    Lumina layout None lets the model choose (up to the tokenizer's area, aspect ratio up to 4).
+    cfg: "meta" (3-way, cfg_text, cfg_image), "lumina" (2-way, cfg_scale) or "off"; default follows the layout.
+    text_sampling / image_sampling: per-modality sampler settings. `sampling` (what fuselm.generate passes)
+    is used for text when it is not the generic default; otherwise the layout's defaults apply (Meta: temperature
+    0.7, top-p 0.9, repetition penalty 1.2 for text; Lumina: top-k 10 for text, top-k 2000 for images).
+    progress_every: ImageProgress comes after every row; every this many rows it carries a partial picture
+    (0: never).
+    """
+    if unknown:
+        raise FuselmError(f"unknown generation option(s) {sorted(unknown)}; image options are images, layout, "
+                          "image_size, cfg, cfg_text, cfg_image, cfg_scale, text_sampling, image_sampling, "
+                          "progress_every")
+    if not isinstance(max_tokens, int) or max_tokens < 1:
+        raise FuselmError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+    if images not in IMAGES_MODES:
+        raise FuselmError(f"images must be one of {IMAGES_MODES}, got {images!r}")
+    if layout not in LAYOUTS:
+        raise FuselmError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if not isinstance(progress_every, int) or progress_every < 0:
+        raise FuselmError(f"progress_every must be an integer >= 0, got {progress_every!r}")
+    it = model.image_tokenizer
+    if it is None:
+        if images != "off" or _has_images(prompt):
+            raise FuselmError(f"{model.source}: images={images!r} and image prompts need a model with an image "
+                              "tokenizer (Chameleon)")
+        ids, template_stops = encode_prompt(model, prompt)
+        yield from generate_text(model, ids, max_tokens=max_tokens, sampling=sampling or DEFAULT_SAMPLING,
+                                 seed=seed, stop=tuple(stop) + template_stops, stop_token_ids=stop_token_ids,
+                                 processors=processors)
+        return
+
+    setup = _Setup(model, layout=layout, images=images, image_size=image_size, stop_token_ids=stop_token_ids)
+    ids, template_stops = _encode(model, prompt, setup)
+    if images == "only" and ids[-1] != setup.roles.boi:
+        ids.append(setup.roles.boi)
+    setup.machine.start(ids)
+    if setup.machine.in_image and images == "off":
+        raise FuselmError("the prompt ends inside an image (a begin-of-image with no end), but images='off'")
+    capacity = _capacity(model, ids, max_tokens, setup)
+    kind = cfg or ("meta" if layout == "chameleon" else "lumina")
+    guidance = None
+    if kind != "off":
+        guidance = ClassifierFreeGuidance(setup.machine, kind, text_scale=cfg_text, image_scale=cfg_image,
+                                          scale=cfg_scale)
+        guidance = None if guidance.is_identity else guidance
+    default = sampling is None or sampling is DEFAULT_SAMPLING  # fuselm.generate always passes one
+    text_params = text_sampling or ((META_TEXT if layout == "chameleon" else LUMINA_TEXT) if default else sampling)
+    image_params = image_sampling or (META_IMAGE if layout == "chameleon" else LUMINA_IMAGE)
+    run = _Run(model, setup, ids, capacity=capacity, guidance=guidance, processors=processors, seed=seed,
+               text_params=text_params, image_params=image_params, stop=tuple(stop) + template_stops,
+               progress_every=progress_every, max_tokens=max_tokens)
+    yield from run.events()
+
+
+def _has_images(prompt) -> bool:
+    return isinstance(prompt, (list, tuple)) and any(isinstance(p, Image.Image) for p in prompt)
+
+
+def model_vocab(model) -> dict[str, int]:
+    """Token name -> id, from the tokenizer or (tokenizer-less HF dirs) the config's vocabulary_map."""
+    if model.tokenizer is not None:
+        return model.tokenizer.vocab()
+    vocab = model.config.extra.get("vocabulary_map")
+    if not vocab:
+        raise FuselmError(f"{model.source}: no tokenizer and no vocabulary_map, so the image tokens are unknown")
+    return {str(k): int(v) for k, v in vocab.items()}
+
+
+class _Setup:
+    """Token roles, the image grids and the modality machine for one model and set of options."""
+
+    def __init__(self, model, *, layout: str, images: str, image_size, stop_token_ids):
+        it = model.image_tokenizer
+        vocab = model_vocab(model)
+        self.image_vocab = ImageVocab(vocab, num_embeddings=it.vqgan.config.num_embeddings, source=model.source)
+        bos = model.tokenizer.bos_id if model.tokenizer is not None else None
+        bos = model.config.bos_token_id if bos is None else bos
+        self.roles = TokenRoles.from_vocab(vocab, model.config.vocab_size, self.image_vocab, bos)
+        self.lumina = layout == "lumina"
+        self.prompt_grid = it.grid  # images in the prompt are tokenized at the tokenizer's size
+        if image_size is None:
+            grid = None if self.lumina else it.grid
+        else:
+            if (not isinstance(image_size, (tuple, list)) or len(image_size) != 2
+                    or not all(isinstance(v, int) and v > 0 for v in image_size)):
+                raise FuselmError(f"image_size must be (height, width) in pixels, got {image_size!r}")
+            grid = it.vqgan.grid(*image_size)
+        stops = default_stop_ids(model) if stop_token_ids is None else [int(s) for s in stop_token_ids]
+        if stop_token_ids is None:  # end-of-turn ends a Chameleon chat turn and is Lumina-mGPT's eos
+            stops = sorted(set(stops) | {self.image_vocab.eot_id})
+        self.stop_ids = stops
+        area = (it.grid[0] // LATENT_PER_GRID) * (it.grid[1] // LATENT_PER_GRID)
+        self.machine = ModalityMachine(self.roles, images=images, lumina=self.lumina, grid=grid,
+                                       max_area=max(area, 1), stop_ids=stops)
+
+    def image_tokens(self, model, image) -> list[int]:
+        codes = model.image_tokenizer.encode([image])[0]
+        ids = self.image_vocab.codes_to_ids(codes).tolist()
+        return ImageLayout(*self.prompt_grid, self.lumina).sequence(ids, self.roles)
+
+
+def _encode(model, prompt, setup: _Setup) -> tuple[list[int], tuple[str, ...]]:
+    bos = setup.roles.bos
+    if isinstance(prompt, torch.Tensor) or (isinstance(prompt, (list, tuple)) and prompt
+                                            and all(isinstance(t, int) for t in prompt)):
+        ids, stops = encode_prompt(model, prompt)
+    elif isinstance(prompt, str) or is_chat(prompt):
+        ids, stops = encode_prompt(model, prompt)
+        ids = ids if bos is None or ids[:1] == [bos] else [bos, *ids]
+    elif isinstance(prompt, (list, tuple)) and prompt:
+        ids, stops = ([] if bos is None else [bos]), ()
+        for i, part in enumerate(prompt):
+            if isinstance(part, str):
+                if model.tokenizer is None:
+                    raise FuselmError(f"{model.source}: the model has no tokenizer, so prompt text cannot be encoded")
+                ids += model.tokenizer.encode(part, add_special_tokens=False)
+            elif isinstance(part, Image.Image):
+                ids += setup.image_tokens(model, part)
+            else:
+                raise FuselmError(f"prompt part {i} is {type(part).__name__}; expected a string or a PIL image")
+    else:
+        raise FuselmError("prompt must be a string, chat messages, token ids, or a list of strings and PIL images")
+    if not ids:
+        raise FuselmError("the prompt is empty")
+    bad = [t for t in ids if not 0 <= t < model.config.vocab_size]
+    if bad:
+        raise FuselmError(f"prompt token ids must be in [0, {model.config.vocab_size}), got {bad[:4]}")
+    return list(ids), stops
+
+
+def _capacity(model, ids: list[int], max_tokens: int, setup: _Setup) -> int:
+    limit = model.config.max_position_embeddings
+    context = max(limit, len(ids) + 1) if model.config.rope_scaling else limit
+    m = setup.machine
+    if setup.machine.images == "only":
+        left = m.image_length(largest=True) + 1 - (m.body + len(m.sizes))  # the rest of the image and eoss
+        if len(ids) + left > context:
+            raise FuselmError(f"the prompt ({len(ids)} tokens) and an image ({left} tokens) do not fit the "
+                              f"model's context of {context} tokens")
+        return len(ids) + left
+    if len(ids) >= context:
+        raise FuselmError(f"prompt of {len(ids)} tokens does not fit the model's context of {context} tokens")
+    return min(context, len(ids) + max_tokens)
+
+
+def _forward(model: Transformer, cache: KVCache, tokens: Sequence[int]) -> torch.Tensor:
+    """Feed the same tokens to every row of the cache; logits [B, V] of the last one."""
+    t = torch.tensor([list(tokens)] * cache.batch, dtype=torch.long, device=model.embed.weight.device)
+    return model(t, cache=cache, last_only=True)[:, -1]
+
+
+def guided_cache(model: Transformer, main: KVCache, contexts: Sequence[Sequence[int]], capacity: int) -> KVCache:
+    """A cache of 1 + len(contexts) rows: row 0 copies `main`, the others hold `contexts`, each right-aligned to
+    end at `main.length` (left padding is never attended to; RoPE positions count from each row's own start)."""
+    L = main.length
+    M = max((len(c) for c in contexts), default=0)
+    if M > L:
+        raise FuselmError(f"internal error: a guidance context ({M} tokens) is longer than the main one ({L})")
+    k0 = main.layers[0].k
+    out = KVCache(model.config, 1 + len(contexts), capacity, dtype=k0.dtype, device=k0.device)
+    out.pad = torch.tensor([0] + [L - len(c) for c in contexts], dtype=torch.long, device=k0.device)
+    side = None
+    if M:
+        side = KVCache(model.config, len(contexts), M, dtype=k0.dtype, device=k0.device)
+        side.pad = torch.tensor([M - len(c) for c in contexts], dtype=torch.long, device=k0.device)
+        rows = torch.tensor([[0] * (M - len(c)) + list(c) for c in contexts], dtype=torch.long, device=k0.device)
+        model(rows, cache=side, last_only=True)
+    for i, layer in enumerate(out.layers):
+        layer.k[:1, :, :L] = main.layers[i].k[:, :, :L]
+        layer.v[:1, :, :L] = main.layers[i].v[:, :, :L]
+        if side is not None:
+            layer.k[1:, :, L - M:L] = side.layers[i].k
+            layer.v[1:, :, L - M:L] = side.layers[i].v
+    out.length = L
+    return out
+
+
+def copy_back(guided: KVCache, main: KVCache) -> None:
+    """Row 0's positions written since the guided cache was built go back into the main cache."""
+    start, end = main.length, guided.length
+    main.check_room(end - start)
+    for src, dst in zip(guided.layers, main.layers):
+        dst.k[:, :, start:end] = src.k[:1, :, start:end]
+        dst.v[:, :, start:end] = src.v[:1, :, start:end]
+    main.length = end
+
+
+class _Run:
+    """One generation: the decoding loop with its caches, and the events it yields."""
+
+    def __init__(self, model, setup: _Setup, ids: list[int], *, capacity: int,
+                 guidance: ClassifierFreeGuidance | None, processors, seed, text_params, image_params, stop,
+                 progress_every: int, max_tokens: int):
+        self.model, self.setup, self.ids = model, setup, ids
+        self.tr: Transformer = model.transformer
+        self.capacity, self.guidance = capacity, guidance
+        self.machine = setup.machine
+        self.processors = ([guidance] if guidance else []) + [self.machine, *processors]
+        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        self.text_params, self.image_params = text_params, image_params
+        self.stop, self.progress_every = stop, progress_every
+        self.budget = capacity - len(ids) if setup.machine.images == "only" else max_tokens
+        self.image_index = 0
+        self.timings = {"prefill_s": 0.0, "text_s": 0.0, "image_s": 0.0, "vqgan_s": 0.0, "cfg_prefill_s": 0.0}
+        self.counts = {"text": 0, "image": 0}
+
+    def _new_text_stream(self) -> TextStream:
+        decode = self.model.tokenizer.decode if self.model.tokenizer is not None else (lambda t: "")
+        return TextStream(decode, self.stop)
+
+    def events(self) -> Iterator[Event]:
+        ids, m, roles = self.ids, self.machine, self.setup.roles
+        k0 = self.tr.embed.weight
+        main = KVCache(self.model.config, 1, self.capacity, dtype=k0.dtype, device=k0.device)
+        cache = main
+        seq = list(ids)  # every token of the sequence; cache.length of them have been fed
+        state = GenState(prompt_len=len(ids), capacity=self.capacity)
+        history = torch.tensor([ids], dtype=torch.long, device=k0.device)
+        text = self._new_text_stream()
+        reason = None
+        t_start = time.perf_counter()
+        first = True
+        with torch.inference_mode():
+            if m.in_image:
+                yield from self._image_start(m)
+            while reason is None:
+                t0 = time.perf_counter()
+                if self.guidance is not None and m.in_image and cache is main:
+                    start = max(i for i, t in enumerate(seq) if t == roles.boi)
+                    if start > main.length:
+                        _forward(self.tr, main, seq[main.length:start])
+                    t1 = time.perf_counter()
+                    room = start + 1 + m.image_length(largest=True)
+                    cache = guided_cache(self.tr, main, self.guidance.contexts(seq[:start]),
+                                         min(self.capacity, room))
+                    self.timings["cfg_prefill_s"] += time.perf_counter() - t1
+                logits = _forward(self.tr, cache, seq[cache.length:])
+                if first:
+                    self.timings["prefill_s"] = time.perf_counter() - t0
+                    first, t0 = False, time.perf_counter()
+                for p in self.processors:
+                    logits = p(state, logits)
+                modality = "image" if m.in_image else "text"
+                params = self.image_params if m.in_image else self.text_params
+                token = int(sample(logits[:1], params, self.generator, history)[0])
+                state.generated.append(token)
+                seq.append(token)
+                history = torch.cat([history, history.new_tensor([[token]])], dim=1)
+                self.timings[f"{modality}_s"] += time.perf_counter() - t0
+                self.counts[modality] += 1
+                (kind,) = m.sync(state.generated)
+                if kind == "text":
+                    if token in self.setup.stop_ids:
+                        reason = "eos"
+                        break
+                    delta = text.push([token])
+                    if delta:
+                        yield TextDelta(delta)
+                    if text.stopped:
+                        reason = "stop"
+                        break
+                elif kind == "begin":
+                    tail = text.flush()
+                    if tail:
+                        yield TextDelta(tail)
+                    text = self._new_text_stream()
+                    yield from self._image_start(m)
+                elif kind == "size":
+                    yield from self._image_start(m)
+                elif kind == "row":
+                    yield self._progress(m)
+                elif kind == "end":
+                    yield self._image_done(seq)
+                    if cache is not main:
+                        copy_back(cache, main)
+                        cache = main
+                    if m.images == "only":
+                        reason = "eos"
+                        break
+                if len(state.generated) >= self.budget:
+                    reason = "length"
+                elif state.position >= self.capacity:
+                    reason = "context"
+        tail = "" if reason == "stop" else text.flush()
+        if tail:
+            yield TextDelta(tail)
+        yield Done(reason, prompt_tokens=len(ids), generated_tokens=len(state.generated),
+                   timings=self._timings(time.perf_counter() - t_start))
+
+    # ---- events -----------------------------------------------------------------------------------------
+
+    def _image_start(self, m: ModalityMachine) -> Iterator[Event]:
+        """ImageStart once the image's size is known (at boi, or after Lumina's size tokens)."""
+        if m.header_done:
+            yield ImageStart(m.layout.rows, m.layout.cols, index=self.image_index)
+
+    def _progress(self, m: ModalityMachine) -> ImageProgress:
+        done, total = m.rows_done, m.layout.rows
+        partial = None
+        if self.progress_every and done % self.progress_every == 0 and done < total:
+            partial = self._decode(m.pixels[:done * m.layout.cols], done, m.layout.cols, total)
+        return ImageProgress(done, total, partial)
+
+    def _image_done(self, seq: list[int]) -> ImageDone:
+        m = self.machine  # already back in text mode: read the finished image from the sequence
+        boi = max(i for i, t in enumerate(seq) if t == self.setup.roles.boi)
+        body = seq[boi + 1:-1]
+        if self.setup.lumina:
+            rows, cols = _lumina_grid(body, self.setup.roles)
+            pixels = [t for t in body[2:] if t != self.setup.roles.newline]
+        else:
+            rows, cols = m.grid
+            pixels = body
+        codes = self.setup.image_vocab.ids_to_codes(torch.tensor(pixels, dtype=torch.long))
+        image = self._decode(pixels, rows, cols, rows)
+        done = ImageDone(image, codes, index=self.image_index)
+        self.image_index += 1
+        return done
+
+    def _decode(self, pixels: list[int], rows: int, cols: int, total_rows: int) -> Image.Image | None:
+        """Picture of the first `rows` rows, on a blank canvas of `total_rows` rows; None without a decoder."""
+        it = self.model.image_tokenizer
+        if not it.can_decode:
+            return None
+        t0 = time.perf_counter()
+        codes = self.setup.image_vocab.ids_to_codes(torch.tensor([pixels], dtype=torch.long))
+        picture = it.processor.postprocess(it.vqgan.decode(codes, rows, cols))[0]
+        if rows != total_rows:
+            canvas = Image.new("RGB", (picture.width, picture.height * total_rows // rows), PARTIAL_BACKGROUND)
+            canvas.paste(picture, (0, 0))
+            picture = canvas
+        self.timings["vqgan_s"] += time.perf_counter() - t0
+        return picture
+
+    def _timings(self, total: float) -> dict:
+        t = dict(self.timings, total_s=total, text_tokens=self.counts["text"], image_tokens=self.counts["image"])
+        if self.timings["prefill_s"]:
+            t["prefill_tok_s"] = len(self.ids) / self.timings["prefill_s"]
+        t["decode_s"] = self.timings["text_s"] + self.timings["image_s"]
+        n = self.counts["text"] + self.counts["image"]
+        if n > 1 and t["decode_s"]:
+            t["decode_tok_s"] = n / t["decode_s"]
+        for name in ("text", "image"):
+            if self.counts[name] and self.timings[f"{name}_s"]:
+                t[f"{name}_tok_s"] = self.counts[name] / self.timings[f"{name}_s"]
+        return t
+
+
+def _lumina_grid(body: list[int], roles: TokenRoles) -> tuple[int, int]:
+    sizes = {i: n for n, i in roles.size_ids.items()}
+    return sizes[body[0]] * LATENT_PER_GRID, sizes[body[1]] * LATENT_PER_GRID

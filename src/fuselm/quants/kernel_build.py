@@ -1,0 +1,130 @@
+"""Build and load fuselm's native CPU kernels (csrc/qkernels.cpp) as a plain shared library, through ctypes.
+
+The library has no torch headers, so it compiles in seconds with the system C++ compiler (`CXX`, else g++ or
+c++), with -march=native. It is built on first use and cached under `$FUSELM_CACHE_DIR` (default
+`~/.cache/fuselm/kernels`), keyed by the source, the compiler and the CPU, so a new machine rebuilds it.
+`python -m fuselm.quants.kernel_build` builds it ahead of time (for `make`).
+
+It links libgomp, which resolves to the one torch has already loaded: kernel threads and torch threads
+are the same OpenMP pool, and torch.set_num_threads sets both.
+
+Where the CPU lacks AVX-512 VNNI/VBMI/BITALG or no compiler works, `native_library()` returns None and the
+reason is in `native_unavailable_reason()`; QuantLinear then runs a plain torch path.
+`FUSELM_KERNELS=torch` forces that path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch  # noqa: F401  (loads torch's libgomp first, so the kernels share its OpenMP runtime)
+
+SOURCE = Path(__file__).parent / "csrc" / "qkernels.cpp"
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
+ABI_VERSION = 1  # fq_version() of the source this module was written against
+
+_reason: str | None = None
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _cpu_key() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))]
+    return "\n".join(lines[:2])
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("FUSELM_CACHE_DIR")
+    if root:
+        return Path(root) / "kernels"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fuselm" / "kernels"
+
+
+def build(verbose: bool = False) -> Path:
+    """Compile the kernels if needed; the path of the shared library. Raises RuntimeError on failure."""
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(
+        SOURCE.read_bytes() + version.encode() + " ".join(FLAGS).encode() + _cpu_key().encode()
+    ).hexdigest()[:16]
+    out = cache_dir() / f"libfuselm_qkernels-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # compile to a private name, then rename: concurrent builders (pytest-xdist workers) never see half a file
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    cmd = [cxx, *FLAGS, str(SOURCE), "-o", tmp]
+    if verbose:
+        print(" ".join(cmd), file=sys.stderr)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        os.unlink(tmp)
+        tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
+        raise RuntimeError(f"compiling {SOURCE.name} failed:\n{tail}")
+    os.replace(tmp, out)
+    return out
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.fq_version.restype = cint
+    lib.fq_version.argtypes = []
+    lib.fq_linear.restype = cint
+    lib.fq_linear.argtypes = [cint, ptr, i64, i64, i64, ptr, cint, i64, i64, ptr, cint, i64, ptr]
+    lib.fq_dequant_bf16.restype = cint
+    lib.fq_dequant_bf16.argtypes = [cint, ptr, i64, i64, i64, i64, ptr, i64]
+
+
+@functools.cache
+def native_library() -> ctypes.CDLL | None:
+    """The loaded kernel library, or None when this machine cannot build or run it (see the reason)."""
+    global _reason
+    if os.environ.get("FUSELM_KERNELS", "").lower() == "torch":
+        _reason = "FUSELM_KERNELS=torch"
+        return None
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        _reason = f"native kernels are x86-64 only (this is {platform.machine()})"
+        return None
+    try:
+        lib = ctypes.CDLL(str(build()))
+    except (RuntimeError, OSError) as e:
+        _reason = str(e)
+        warnings.warn(f"fuselm: native quantized kernels unavailable, using the slow torch path: {e}", stacklevel=2)
+        return None
+    _declare(lib)
+    if lib.fq_version() != ABI_VERSION:
+        _reason = f"kernel library version {lib.fq_version()} != {ABI_VERSION}"
+        return None
+    return lib
+
+
+def native_unavailable_reason() -> str | None:
+    """Why native_library() is None (None when it loaded)."""
+    native_library()
+    return _reason
+
+
+if __name__ == "__main__":
+    print(build(verbose=True))

@@ -1,0 +1,72 @@
+"""QuantizedWeight: a 2-D weight kept as GGML bytes, [out_features, row_bytes] uint8, plus its type and shape."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fuselm.errors import FuselmError
+from fuselm.quants.codecs import dequantize
+from fuselm.quants.ggml_types import ggml_type, row_bytes
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """A linear layer's weight in GGML's block layout.
+
+    data:  uint8 [out_features, row_bytes], ggml's bytes for each row (may be a view of a memory-mapped file)
+    qtype: GGML type name ("Q4_K", "Q8_0", "F16", ...)
+    shape: (out_features, in_features) of the float weight
+    """
+
+    data: torch.Tensor
+    qtype: str
+    shape: tuple[int, int]
+
+    def __post_init__(self) -> None:
+        t = ggml_type(self.qtype)  # FuselmError for unknown types
+        object.__setattr__(self, "qtype", t.name)
+        rows, cols = (int(v) for v in self.shape)
+        object.__setattr__(self, "shape", (rows, cols))
+        if self.data.dtype != torch.uint8 or self.data.ndim != 2:
+            raise FuselmError(
+                f"{t.name} weight {self.shape}: expected uint8 data [rows, row_bytes], "
+                f"got {self.data.dtype} {tuple(self.data.shape)}"
+            )
+        expected = (rows, row_bytes(t.name, cols))
+        if tuple(self.data.shape) != expected:
+            raise FuselmError(f"{t.name} weight {self.shape}: expected data of shape {expected}, got {tuple(self.data.shape)}")
+
+    @classmethod
+    def from_numpy(cls, array: np.ndarray, qtype: str, shape: tuple[int, int]) -> QuantizedWeight:
+        """Wrap GGML bytes without copying, e.g. a read-only np.memmap slice from a GGUF reader."""
+        arr = np.asarray(array)
+        if arr.dtype != np.uint8:
+            arr = arr.view(np.uint8)
+        rows = int(shape[0])
+        arr = arr.reshape(rows, -1) if arr.size else arr.reshape(rows, 0)
+        with warnings.catch_warnings():
+            # torch warns that a read-only array gives a tensor one could write to; the kernels only read it
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            data = torch.from_numpy(arr)
+        return cls(data, qtype, (rows, int(shape[1])))
+
+    @property
+    def out_features(self) -> int:
+        return self.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of GGML data (what the weight occupies in the file)."""
+        return self.data.numel()
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 [out_features, in_features], exactly as ggml / gguf-py dequantize."""
+        return dequantize(self.data, self.qtype, self.shape)
