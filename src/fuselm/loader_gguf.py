@@ -10,6 +10,7 @@ from . import archs
 from .formats import gguf as gguf_format
 from .model.build import build_transformer, check_state_dict, parse_dtype
 from .model.rope import normalize_rope_scaling
+from .sources import rope_freqs_tensor
 from .tokenizer import Tokenizer
 
 PLAIN_TYPES = ("F32", "F16", "BF16")
@@ -55,7 +56,7 @@ def load_gguf(path: Path, *, dtype=None, device: str = "cpu", rope_scaling: dict
     path = Path(path)
     gf = gguf_format.read_gguf(path)
     shapes = {name: t.shape for name, t in gf.tensors.items()}
-    config = archs.config_from_gguf(gf.metadata, str(path), shapes, rope_freqs=_rope_freqs(gf))
+    config = archs.config_from_gguf(gf.metadata, str(path), shapes, rope_freqs=rope_freqs_tensor(gf))
     config = _with_rope_override(config, rope_scaling)
     if config.rope_scaling is not None:
         normalize_rope_scaling(config.rope_scaling, source=str(path))
@@ -89,8 +90,3 @@ def _plain_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
         return torch.bfloat16
     return d
 
-
-def _rope_freqs(gf):
-    """llama.cpp's converter carries Llama-3.1 RoPE scaling only as this tensor."""
-    t = gf.tensors.get("rope_freqs.weight")
-    return None if t is None else t.data

@@ -44,7 +44,7 @@ def _read_gguf(src: Path, check: bool) -> ModelSource:
 
     gf = gguf_format.read_gguf(src)
     shapes = {n: t.shape for n, t in gf.tensors.items()}
-    config = archs.config_from_gguf(gf.metadata, str(src), shapes, rope_freqs=_rope_freqs(gf))
+    config = archs.config_from_gguf(gf.metadata, str(src), shapes, rope_freqs=rope_freqs_tensor(gf))
     quantized = sorted({t.type_name for t in gf.tensors.values()} - set(PLAIN))
     if quantized:
         print(f"warning: {src} is quantized ({', '.join(quantized)}); its weights are dequantized, so a new "
@@ -87,7 +87,7 @@ def _read_hf(src: Path, check: bool) -> ModelSource:
     return ModelSource(src, "hf", config, state, tokenizer, template, vq)
 
 
-def _rope_freqs(gf):
+def rope_freqs_tensor(gf):
     """llama.cpp's converter carries Llama-3.1 RoPE scaling only as this tensor."""
     t = gf.tensors.get("rope_freqs.weight")
     return None if t is None else t.data

@@ -98,7 +98,25 @@ def quantize(
     else:
         for r0 in starts:
             run(r0)
+    _check_halves(out, tname, name, x)
     return torch.from_numpy(out)
+
+
+def _check_halves(out: np.ndarray, tname: str, name: str, x: np.ndarray) -> None:
+    """Values too large for the type overflow an fp16 scale (or the bf16 value) to inf; llama.cpp rejects
+    such data when it validates rows, so refuse to write it."""
+    t = ggml_type(tname)
+    if not t.half_fields or out.size == 0:
+        return
+    exponent = 0x7F80 if tname == "BF16" else 0x7C00
+    blocks = out.reshape(-1, t.type_size)
+    for off in t.half_fields:
+        half = blocks[:, off].astype(np.uint16) | (blocks[:, off + 1].astype(np.uint16) << 8)
+        if ((half & exponent) == exponent).any():
+            raise FuselmError(
+                f"tensor {name!r}: values too large for {tname} (max |x| = {float(np.abs(x).max()):g}): "
+                f"a half-precision scale overflows to inf"
+            )
 
 
 def _as_bytes(data: torch.Tensor | np.ndarray, type: str, shape: tuple[int, int]) -> torch.Tensor:

@@ -20,28 +20,31 @@ class GGMLType:
     type_id: GGMLQuantizationType
     block_size: int  # elements per block
     type_size: int  # bytes per block
+    half_fields: tuple[int, ...] = ()  # byte offsets of the fp16 (bf16 for BF16) values in a block
 
 
-_TABLE: tuple[tuple[str, int, int], ...] = (
-    ("F32", 1, 4),
-    ("F16", 1, 2),
-    ("BF16", 1, 2),
-    ("Q4_0", 32, 2 + 16),
-    ("Q4_1", 32, 2 + 2 + 16),
-    ("Q5_0", 32, 2 + 4 + 16),
-    ("Q5_1", 32, 2 + 2 + 4 + 16),
-    ("Q8_0", 32, 2 + 32),
-    ("Q2_K", QK_K, 16 + 64 + 2 + 2),
-    ("Q3_K", QK_K, 32 + 64 + 12 + 2),
-    ("Q4_K", QK_K, 2 + 2 + 12 + 128),
-    ("Q5_K", QK_K, 2 + 2 + 12 + 32 + 128),
-    ("Q6_K", QK_K, 128 + 64 + 16 + 2),
-    ("IQ4_NL", 32, 2 + 16),
-    ("IQ4_XS", QK_K, 2 + 2 + 4 + 128),
+# name, block size, bytes per block, offsets of the half-precision fields (the ggml-common.h structs)
+_TABLE: tuple[tuple[str, int, int, tuple[int, ...]], ...] = (
+    ("F32", 1, 4, ()),
+    ("F16", 1, 2, (0,)),
+    ("BF16", 1, 2, (0,)),
+    ("Q4_0", 32, 2 + 16, (0,)),
+    ("Q4_1", 32, 2 + 2 + 16, (0, 2)),
+    ("Q5_0", 32, 2 + 4 + 16, (0,)),
+    ("Q5_1", 32, 2 + 2 + 4 + 16, (0, 2)),
+    ("Q8_0", 32, 2 + 32, (0,)),
+    ("Q2_K", QK_K, 16 + 64 + 2 + 2, (80, 82)),
+    ("Q3_K", QK_K, 32 + 64 + 12 + 2, (108,)),
+    ("Q4_K", QK_K, 2 + 2 + 12 + 128, (0, 2)),
+    ("Q5_K", QK_K, 2 + 2 + 12 + 32 + 128, (0, 2)),
+    ("Q6_K", QK_K, 128 + 64 + 16 + 2, (208,)),
+    ("IQ4_NL", 32, 2 + 16, (0,)),
+    ("IQ4_XS", QK_K, 2 + 2 + 4 + 128, (0,)),
 )
 
 GGML_TYPES: dict[str, GGMLType] = {
-    name: GGMLType(name, GGMLQuantizationType[name], block, size) for name, block, size in _TABLE
+    name: GGMLType(name, GGMLQuantizationType[name], block, size, halves)
+    for name, block, size, halves in _TABLE
 }
 
 

@@ -1,0 +1,149 @@
+"""QuantLinear equals "dequantize, then dense" for every GGML type, on every path.
+
+Weights are quantized by llama.cpp itself (ggml_quantize_chunk via ctypes) and dequantized by gguf-py, so the
+reference is independent of fuselm's codecs. The reference product is float64.
+
+Documented error bounds, as a fraction of max |y_ref| over the output:
+- native GEMV (M <= DECODE_MAX_ROWS), quantized types: 1e-4 (16-bit activations; measured ~3e-5);
+- native GEMV, F16/BF16, and the torch and dense paths: 1e-5 (float32 arithmetic);
+- native prefill (bf16 weight tiles + bf16 GEMM): 2e-2 (bf16 rounding; measured ~4e-3);
+- bf16 inputs give bf16 outputs: add 2^-8 for the output's rounding.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ggml_ref import ggml_quantize
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize as gguf_dequantize
+
+from fuselm.errors import FuselmError
+from fuselm.quants import kernels
+from fuselm.quants.kernel_build import native_library, native_unavailable_reason
+from fuselm.quants.kernels import QuantLinear, set_threads
+from fuselm.quants.tensor import QuantizedWeight
+
+QUANT_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+DENSE_TYPES = ["F16", "BF16", "F32"]
+N = 40  # output rows: not a multiple of the thread count or of any unrolling
+BF16_OUT = 2.0**-8
+
+
+def cols_for(qtype: str) -> int:
+    # legacy 32-blocks: 19 blocks, so rows end in a partial 4-block unit; K-quants need multiples of 256
+    return 512 if qtype.endswith("_K") else 608
+
+
+def weight_bytes(qtype: str, w: np.ndarray) -> np.ndarray:
+    if qtype == "F32":
+        return w.view(np.uint8)
+    if qtype == "F16":
+        return w.astype(np.float16).view(np.uint8)
+    if qtype == "BF16":
+        return torch.from_numpy(w).bfloat16().view(torch.uint8).numpy()
+    return ggml_quantize(w, qtype)
+
+
+@pytest.fixture(scope="module", params=QUANT_TYPES + DENSE_TYPES + ["IQ4_XS"])
+def case(request):
+    qtype = request.param
+    k = 512 if qtype == "IQ4_XS" else cols_for(qtype)
+    rng = np.random.default_rng(sum(map(ord, qtype)))
+    w = rng.standard_normal((N, k), dtype=np.float32)
+    data = weight_bytes(qtype, w)
+    ref_w = gguf_dequantize(data, GGMLQuantizationType[qtype]).astype(np.float64)
+    bias = torch.from_numpy(rng.standard_normal(N, dtype=np.float32))
+    return qtype, QuantizedWeight.from_numpy(data, qtype, (N, k)), torch.from_numpy(ref_w), bias
+
+
+def check(layer: QuantLinear, ref_w: torch.Tensor, bias: torch.Tensor, m: int, dtype: torch.dtype, tol: float):
+    k = ref_w.shape[1]
+    x = torch.randn(2, m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
+    y = layer(x)
+    assert y.dtype == dtype and y.shape == (2, m, N)
+    ref = x.double() @ ref_w.T + bias.double()
+    err = ((y.double() - ref).abs().max() / ref.abs().max()).item()
+    bound = tol + (BF16_OUT if dtype == torch.bfloat16 else 0.0)
+    assert err <= bound, f"{layer.qtype} {layer.backend} M={m} {dtype}: error {err:.2e} > {bound:.1e}"
+
+
+def test_native_kernels_build_here():
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    needed = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512vbmi", "avx512_bitalg", "f16c")
+    if all(f in flags.split() for f in needed):
+        assert native_library() is not None, native_unavailable_reason()
+    else:
+        assert native_library() is None and native_unavailable_reason()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_default_path_matches_dequantized_dense(case, dtype):
+    qtype, qw, ref_w, bias = case
+    layer = QuantLinear(qw, bias)
+    native = layer.backend == "native"
+    assert 33 > kernels.DECODE_MAX_ROWS  # M=33 is the prefill path
+    quantized = qtype not in DENSE_TYPES
+    check(layer, ref_w, bias, 1, dtype, 1e-4 if native and quantized else 1e-5)
+    check(layer, ref_w, bias, 33, dtype, 2e-2 if native else 1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "dense"])
+def test_fallback_paths(case, backend):
+    qtype, qw, ref_w, bias = case
+    layer = QuantLinear(qw, bias, backend=backend)
+    for m in (1, 33):
+        check(layer, ref_w, bias, m, torch.float32, 1e-5)
+
+
+def test_memory_mapped_weight_is_used_in_place(tmp_path):
+    k = 512
+    w = np.random.default_rng(1).standard_normal((N, k), dtype=np.float32)
+    data = ggml_quantize(w, "Q4_K")
+    path = tmp_path / "w.bin"
+    path.write_bytes(b"\0" * 96 + data.tobytes())  # at an offset, as in a GGUF file
+    mm = np.memmap(path, dtype=np.uint8, mode="r", offset=96, shape=data.shape)
+    qw = QuantizedWeight.from_numpy(mm, "Q4_K", (N, k))
+    assert qw.nbytes == data.nbytes
+    layer = QuantLinear(qw)
+    assert layer._data.data_ptr() == mm.ctypes.data  # no copy, no repack: resident size stays the file's
+    x = torch.randn(3, k)
+    ref = QuantLinear(QuantizedWeight(torch.from_numpy(data.copy()), "Q4_K", (N, k)))(x)
+    torch.testing.assert_close(layer(x), ref, rtol=0, atol=0)
+    ref_w = torch.from_numpy(gguf_dequantize(data, GGMLQuantizationType.Q4_K).astype(np.float64))
+    assert torch.allclose(qw.dequantize().double(), ref_w)
+
+
+def test_bad_inputs_raise_one_clear_error():
+    data = torch.zeros(4, 18 * 2, dtype=torch.uint8)
+    with pytest.raises(FuselmError, match="expected data of shape"):
+        QuantizedWeight(data, "Q4_0", (4, 96))
+    with pytest.raises(FuselmError, match="unsupported GGML type"):
+        QuantizedWeight(data, "Q7_0", (4, 64))
+    layer = QuantLinear(QuantizedWeight(data, "Q4_0", (4, 64)))
+    with pytest.raises(FuselmError, match="input has 32 features"):
+        layer(torch.zeros(1, 32))
+    with pytest.raises(FuselmError, match="bias"):
+        QuantLinear(QuantizedWeight(data, "Q4_0", (4, 64)), torch.zeros(5))
+
+
+def test_set_threads_keeps_results():
+    k = 256
+    w = np.random.default_rng(2).standard_normal((64, k), dtype=np.float32)
+    layer = QuantLinear(QuantizedWeight.from_numpy(ggml_quantize(w, "Q8_0"), "Q8_0", (64, k)))
+    x = torch.randn(1, k)
+    before = torch.get_num_threads()
+    try:
+        set_threads(1)
+        assert torch.get_num_threads() == 1
+        y1 = layer(x)
+        set_threads(2)
+        assert torch.get_num_threads() == 2
+        torch.testing.assert_close(layer(x), y1, rtol=1e-6, atol=1e-6)
+    finally:
+        set_threads(before)
+    with pytest.raises(FuselmError):
+        set_threads(0)
