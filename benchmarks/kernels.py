@@ -71,7 +71,6 @@ def bench_type(qtype: str, n: int, k: int, reps: int) -> str:
     w = layers[0].weight.dequantize().double()
     e1 = rel_err(layers[0](x1), x1.double() @ w.T)
     e128 = rel_err(layers[0](xp), xp.double() @ w.T)
-    del pool, layers
     return (
         f"{qtype:7s} {n:5d}x{k:<5d} {layers_backend(qtype):6s} GEMV {best * 1e3:7.3f} ms (median {med * 1e3:7.3f}) "
         f"{nbytes / best / 1e9:5.1f} GB/s  hot {nbytes / hot_best / 1e9:5.1f} GB/s | "
@@ -93,14 +92,14 @@ def reference_rows(n: int, k: int, reps: int) -> list[str]:
     buf = torch.randint(0, 255, (copies, nbytes), dtype=torch.uint8)
     it = iter(range(1 << 30))
     best, _ = timed(lambda: buf[next(it) % copies].sum(dtype=torch.int32), reps * 2)
-    rows.append(f"{'read':7s} {n:5d}x{k:<5d} torch  sum of {nbytes / 1e6:.1f} MB: {nbytes / best / 1e9:5.1f} GB/s (DRAM)")
+    rows.append(f"{'read':7s} {n:5d}x{k:<5d} torch  sum of {nbytes / 1e6:.1f} MB: {nbytes / best / 1e9:5.1f} GB/s")
     wb = torch.randn(n, k).bfloat16()
     copies_b = max(2, COLD_BYTES // (2 * n * k))
     ws = [wb.clone() for _ in range(copies_b)]
     xb = torch.randn(1, k).bfloat16()
     best, _ = timed(lambda: torch.nn.functional.linear(xb, ws[next(it) % copies_b]), reps * 2)
-    rows.append(f"{'bf16':7s} {n:5d}x{k:<5d} torch  F.linear GEMV {best * 1e3:7.3f} ms {2 * n * k / best / 1e9:5.1f} GB/s")
-    del ws
+    gbs = 2 * n * k / best / 1e9
+    rows.append(f"{'bf16':7s} {n:5d}x{k:<5d} torch  F.linear GEMV {best * 1e3:7.3f} ms {gbs:5.1f} GB/s")
     try:
         q = torch.randint(0, 16, (n, k), dtype=torch.int32)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)

@@ -172,3 +172,13 @@ def test_input_forms_and_threads() -> None:
     xb = torch.from_numpy(x).to(torch.bfloat16)
     assert np.array_equal(quantize(xb, "Q8_0").numpy(), ggml_quantize(xb.float().numpy(), "Q8_0"))
     assert quantize(torch.zeros(0, 64), "Q8_0").shape == (0, row_bytes("Q8_0", 64))
+
+
+def test_values_too_large_for_fp16_scales() -> None:
+    """llama.cpp writes inf scales here and then rejects its own rows; fuselm refuses up front."""
+    x = torch.randn(2, 256)
+    x[1, 5] = 1e9
+    for type_name in ("Q8_0", "Q4_K", "Q6_K", "IQ4_NL", "F16"):
+        assert not np.isfinite(dequantize(ggml_quantize(x.numpy(), type_name), type_name, (2, 256)).numpy()).all()
+        with pytest.raises(FuselmError, match="too large for"):
+            quantize(x, type_name, name="w")

@@ -131,12 +131,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling(p)
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("inspect", help="print architecture, parameter count, dtypes (-v: every tensor)")
-    p.add_argument("model", nargs="?", default="demo")
+    p = sub.add_parser("inspect", help="print architecture, parameter count, dtypes (-v: every tensor)",
+                       description="Describe a checkpoint: architecture and its switches (norms, qk-norm, swin, "
+                                   "parallel blocks, FlashNorm), sizes, RoPE settings, parameter count by dtype or "
+                                   "GGML type, the image tokenizer and the tokenizer. -v lists every tensor.")
+    p.add_argument("model", nargs="?", default="demo", help="HF directory, .gguf, Meta directory or 'demo'")
     p.add_argument("-v", "--verbose", action="store_true", help="also list every tensor with shape and type")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("demo", help="run the bundled model: draw, caption, and write demo.html")
+    p = sub.add_parser("demo", help="run the bundled model: draw, caption, and write demo.html",
+                       description="Run the bundled tiny Chameleon: draw a picture from a caption, caption a "
+                                   "freshly drawn picture, and write an interleaved answer; writes DIR/demo.html.")
     p.add_argument("--out", default="demo-out", help="output directory (default demo-out)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)

@@ -1,5 +1,5 @@
 """Subcommands that live next to their library code. Each module has register(subparsers)."""
 
-from . import quantize, transforms
+from . import bench, quantize, transforms
 
-REGISTRY: list = [quantize.register, transforms.register]
+REGISTRY: list = [quantize.register, transforms.register, bench.register]

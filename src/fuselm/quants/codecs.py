@@ -81,14 +81,15 @@ def quantize(
         raise FuselmError(
             f"tensor {name!r}: row length {cols} is not a multiple of the {tname} block size {block}"
         )
-    if not np.isfinite(x).all():
-        raise FuselmError(f"tensor {name!r}: contains NaN or Inf values, cannot quantize to {tname}")
     out = np.empty((rows, row_bytes(tname, cols)), dtype=np.uint8)
     step = max(1, codec.chunk_elems // max(cols, 1))
 
     def run(r0: int) -> None:
         chunk = x[r0 : r0 + step]
-        out[r0 : r0 + step] = codec.quantize(chunk.reshape(-1, block)).reshape(chunk.shape[0], -1)
+        if not np.isfinite(chunk).all():
+            raise FuselmError(f"tensor {name!r}: contains NaN or Inf values, cannot quantize to {tname}")
+        with np.errstate(all="ignore"):  # ignored groups and too-large values make inf/NaN on the way
+            out[r0 : r0 + step] = codec.quantize(chunk.reshape(-1, block)).reshape(chunk.shape[0], -1)
 
     starts = range(0, rows, step)
     workers = min(len(starts), threads or torch.get_num_threads())

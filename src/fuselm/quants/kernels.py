@@ -33,7 +33,8 @@ from fuselm.quants.tensor import QuantizedWeight
 # ggml types the native kernels run (type name -> ggml type id)
 NATIVE_TYPES = {
     name: int(ggml_type(name).type_id)
-    for name in ("F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL")
+    for name in ("F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+    + ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL")
 }
 DENSE_TYPES = ("F32", "F16", "BF16")
 DECODE_MAX_ROWS = 8  # up to this many activation rows use the GEMV; more use dequantize-to-bf16 + GEMM

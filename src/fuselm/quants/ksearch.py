@@ -158,8 +158,11 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
         active = np.arange(G)
         rows = np.arange(n)[:, None]
         while active.size:
-            xa, wa, wxa, La = x[:, active], w[:, active], wx[:, active], L[:, active]
-            slx_a, sl2_a = sumlx[active], suml2[active]
+            if active.size == G:  # every group (the first round): views, all updates come after their use
+                xa, wa, wxa, La, slx_a, sl2_a = x, w, wx, L, sumlx, suml2
+            else:
+                xa, wa, wxa, La = x[:, active], w[:, active], wx[:, active], L[:, active]
+                slx_a, sl2_a = sumlx[active], suml2[active]
             slx = slx_a - wxa * La
             sl2 = sl2_a - wa * La * La
             new = np.clip(nearest_int(xa * sl2 / slx), -nmax, nmax - 1)

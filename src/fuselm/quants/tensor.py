@@ -38,7 +38,9 @@ class QuantizedWeight:
             )
         expected = (rows, row_bytes(t.name, cols))
         if tuple(self.data.shape) != expected:
-            raise FuselmError(f"{t.name} weight {self.shape}: expected data of shape {expected}, got {tuple(self.data.shape)}")
+            raise FuselmError(
+                f"{t.name} weight {self.shape}: expected data of shape {expected}, got {tuple(self.data.shape)}"
+            )
 
     @classmethod
     def from_numpy(cls, array: np.ndarray, qtype: str, shape: tuple[int, int]) -> QuantizedWeight:
