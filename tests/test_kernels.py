@@ -99,19 +99,35 @@ def test_fallback_paths(case, backend):
         check(layer, ref_w, bias, m, torch.float32, 1e-5)
 
 
-def test_memory_mapped_weight_is_used_in_place(tmp_path):
-    k = 512
-    w = np.random.default_rng(1).standard_normal((N, k), dtype=np.float32)
+def mapping_rss_kb(addr: int) -> int:
+    """Resident kB of the /proc/self/smaps mapping that contains addr."""
+    found = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            found = lo <= addr < hi
+        elif found and head == "Rss:":
+            return int(line.split()[1])
+    raise AssertionError(f"no mapping contains {addr:#x}")
+
+
+def test_memory_mapped_weight_is_repacked_once_and_its_pages_dropped(tmp_path):
+    rows, k = 512, 1024  # 288 KiB of Q4_K
+    w = np.random.default_rng(1).standard_normal((rows, k), dtype=np.float32)
     data = ggml_quantize(w, "Q4_K")
     path = tmp_path / "w.bin"
     path.write_bytes(b"\0" * 96 + data.tobytes())  # at an offset, as in a GGUF file
     mm = np.memmap(path, dtype=np.uint8, mode="r", offset=96, shape=data.shape)
-    qw = QuantizedWeight.from_numpy(mm, "Q4_K", (N, k))
-    assert qw.nbytes == data.nbytes
+    qw = QuantizedWeight.from_numpy(mm, "Q4_K", (rows, k))
+    assert qw.nbytes == data.nbytes and qw.data.data_ptr() == mm.ctypes.data  # a view, not a copy
+    assert int(mm.sum()) > 0 and mapping_rss_kb(mm.ctypes.data) >= data.nbytes // 1024 - 8  # pages now resident
     layer = QuantLinear(qw)
-    assert layer._data.data_ptr() == mm.ctypes.data  # no copy, no repack: resident size stays the file's
+    if layer.backend == "native":
+        assert layer._w.numel() == data.nbytes  # the tiles take the file's size, nothing more
+        assert mapping_rss_kb(mm.ctypes.data) <= 8  # and the file's pages left the resident set
     x = torch.randn(3, k)
-    ref = QuantLinear(QuantizedWeight(torch.from_numpy(data.copy()), "Q4_K", (N, k)))(x)
+    ref = QuantLinear(QuantizedWeight(torch.from_numpy(data.copy()), "Q4_K", (rows, k)))(x)
     torch.testing.assert_close(layer(x), ref, rtol=0, atol=0)
     ref_w = torch.from_numpy(gguf_dequantize(data, GGMLQuantizationType.Q4_K).astype(np.float64))
     assert torch.allclose(qw.dequantize().double(), ref_w)

@@ -164,13 +164,13 @@ def test_bad_shapes_and_types() -> None:
 
 
 def test_input_forms_and_threads() -> None:
-    """numpy and bf16 inputs, lower-case names and multi-threaded chunking give the same bytes."""
-    x = make_data("normal", 64, 512)
+    """numpy and bf16 inputs, lower-case names, and several row chunks over two threads give the same bytes."""
+    x = make_data("normal", 300, 512)  # more rows than one Q4_K chunk holds
     ref = ggml_quantize(x, "Q4_K")
-    assert np.array_equal(quantize(x, "q4_k").numpy(), ref)
+    assert np.array_equal(quantize(x, "q4_k", threads=1).numpy(), ref)
     assert np.array_equal(quantize(torch.from_numpy(x), "Q4_K", threads=2).numpy(), ref)
-    xb = torch.from_numpy(x).to(torch.bfloat16)
-    assert np.array_equal(quantize(xb, "Q8_0").numpy(), ggml_quantize(xb.float().numpy(), "Q8_0"))
+    xb = torch.from_numpy(make_data("student_t", 1100, 512)).to(torch.bfloat16)
+    assert np.array_equal(quantize(xb, "Q8_0", threads=2).numpy(), ggml_quantize(xb.float().numpy(), "Q8_0"))
     assert quantize(torch.zeros(0, 64), "Q8_0").shape == (0, row_bytes("Q8_0", 64))
 
 

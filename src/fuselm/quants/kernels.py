@@ -1,21 +1,25 @@
 """QuantLinear: a linear layer that computes straight from GGML-quantized weights.
 
-Paths, chosen per call (see the table in DESIGN notes / the kernels report):
-- CPU "native" (AVX-512 VNNI machines, csrc/qkernels.cpp via ctypes). The weights stay in ggml's bytes (the
-  memory-mapped file is used in place: resident memory is the file size, no repack).
-  - decode, M <= DECODE_MAX_ROWS activation rows: integer-code GEMV with 16-bit activations. Error vs
-    `x @ dequantize(W).T` in float64: about 2e-5 of max |y| (activation rounding to 2^-16 of each
-    32-block's max |x|, float32 accumulation).
-  - prefill, more rows: weights decoded to bf16 in row tiles, then a bf16 GEMM (oneDNN, AMX). Error: bf16
-    rounding of weights, activations and outputs, about 1e-2 of max |y| at worst, typically 2e-3.
-  F16/BF16 weights: an exact float32 GEMV (decode) and the same bf16 GEMM (prefill). F32: torch F.linear.
-- CPU "torch": for machines without the kernels (or types they lack, e.g. IQ4_XS): dequantize row tiles to
-  float32 on every call and F.linear. Exact but slow; memory stays at the file size plus one tile.
-- "dense" (and any non-CPU device, e.g. CUDA): the weight is dequantized once to a dense tensor on the
-  device (bf16 on CUDA when supported, else fp16; float32 on CPU) and F.linear does the rest. Correct, not
-  memory-frugal: the device holds 2 bytes per weight.
+Paths:
+- CPU "native" (x86-64 with AVX-512 VNNI/VBMI; csrc/qkernels.cpp through ctypes, see kernel_build.py).
+  At construction the ggml bytes are repacked once into 16-row interleaved tiles of the same size (rows
+  padded to a multiple of 16). When the source is a memory-mapped file its pages are then dropped from the
+  resident set, so resident memory stays at the file size (plus at most 15 padding rows).
+  - decode, M <= DECODE_MAX_ROWS activation rows: integer-code GEMV with 16-bit activations.
+    Error vs float64 `x @ dequantize(W).T`: ~2e-5 of max |y| (bound 1e-4): activations rounded to 2^-16 of
+    each 32-block's max |x|, float32 accumulation. llama.cpp rounds activations to 8 bits (~100x coarser).
+  - prefill, more rows: weights decoded to bf16 in row tiles, then a bf16 GEMM (oneDNN, AMX), output in bf16.
+    Error: bf16 rounding of weights, activations and outputs, ~4e-3 of max |y| (bound 2e-2).
+  F16/BF16 weights are used in place (no repack): an exact float32 GEMV for decode, the same bf16 GEMM for
+  prefill. F32: torch F.linear on the bytes viewed as float32.
+- CPU "torch": machines without the kernels, or types they lack (IQ4_XS): row tiles dequantized to float32
+  on every call, then F.linear. Exact, slow; memory stays at the file size plus one tile.
+- "dense", and any non-CPU input (CUDA): the weight is dequantized once onto the input's device (bf16 on
+  CUDA when supported, else fp16; float32 on CPU) and F.linear does the rest. Correct and simple, not
+  memory-frugal: 2 bytes per weight on the GPU.
 
-Inference only: no autograd through the native kernels.
+Inference only: there is no autograd through the native kernels. Under torch.compile the native path is one
+opaque custom op (fuselm::quant_linear).
 """
 
 from __future__ import annotations
@@ -28,17 +32,15 @@ from fuselm.errors import FuselmError
 from fuselm.quants.codecs import dequantize
 from fuselm.quants.ggml_types import ggml_type
 from fuselm.quants.kernel_build import native_library
+from fuselm.quants.kernel_memory import drop_file_pages
 from fuselm.quants.tensor import QuantizedWeight
 
-# ggml types the native kernels run (type name -> ggml type id)
-NATIVE_TYPES = {
-    name: int(ggml_type(name).type_id)
-    for name in ("F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
-    + ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL")
-}
+_PACKED_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL")
+# ggml types the native kernels run (name -> ggml type id); F16/BF16 rows are read as they are
+NATIVE_TYPES = {name: int(ggml_type(name).type_id) for name in ("F16", "BF16", *_PACKED_TYPES)}
 DENSE_TYPES = ("F32", "F16", "BF16")
 DECODE_MAX_ROWS = 8  # up to this many activation rows use the GEMV; more use dequantize-to-bf16 + GEMM
-TILE_BYTES = 32 << 20  # bf16 weight tile for the prefill GEMM (reused scratch)
+TILE_BYTES = 32 << 20  # bf16 weight tile for the prefill GEMM (one reused scratch buffer)
 BACKENDS = ("native", "torch", "dense")
 
 
@@ -65,6 +67,69 @@ class _Scratch:
         return cls.buf[:numel]
 
 
+# ------------------------------------------------------------------------------------------------- native calls
+def _native_gemv(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, type_id: int, n: int) -> torch.Tensor:
+    """x2 [M, K] float32/bf16 contiguous -> [M, n] in x2's dtype."""
+    m, k = x2.shape
+    y = torch.empty(m, n, dtype=x2.dtype)
+    bf16 = x2.dtype == torch.bfloat16
+    rc = native_library().fq_linear(
+        type_id, w.data_ptr(), n, k, x2.data_ptr(), bf16, m, k, y.data_ptr(), bf16, n,
+        None if bias is None else bias.data_ptr(),
+    )  # fmt: skip
+    if rc != 0:
+        raise FuselmError(f"QuantLinear: native kernel failed for ggml type {type_id} (code {rc})")
+    return y
+
+
+def _bf16_tiles(w: torch.Tensor, type_id: int, n: int, k: int):
+    """(row0, row1, bf16 [row1 - row0, k]) covering all n rows; decoded tiles live in the shared scratch."""
+    step = max(16, min(n, TILE_BYTES // (2 * k)) // 16 * 16)  # whole 16-row tiles
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        if type_id == NATIVE_TYPES["BF16"]:
+            yield r0, r1, w[r0:r1].view(torch.bfloat16)
+            continue
+        tile = _Scratch.get((r1 - r0) * k).view(r1 - r0, k)
+        if type_id == NATIVE_TYPES["F16"]:
+            tile.copy_(w[r0:r1].view(torch.float16))
+        else:
+            rc = native_library().fq_dequant_bf16(type_id, w.data_ptr(), r0, r1, k, tile.data_ptr(), k)
+            if rc != 0:
+                raise FuselmError(f"QuantLinear: native dequantize failed for ggml type {type_id} (code {rc})")
+        yield r0, r1, tile
+
+
+def _native_prefill(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, type_id: int, n: int):
+    xb = x2.to(torch.bfloat16)
+    y = None
+    for r0, r1, tile in _bf16_tiles(w, type_id, n, x2.shape[1]):
+        part = torch.mm(xb, tile.t())
+        if r1 - r0 == n:
+            y = part
+            break
+        if y is None:
+            y = torch.empty(x2.shape[0], n, dtype=torch.bfloat16)
+        y[:, r0:r1] = part
+    if bias is not None:
+        y = y.float().add_(bias)
+    return y.to(x2.dtype)
+
+
+@torch.library.custom_op("fuselm::quant_linear", mutates_args=())
+def quant_linear_op(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, type_id: int, n: int) -> torch.Tensor:
+    """The native path as one op (for torch.compile): x2 [M, K] float32/bf16 -> [M, n]."""
+    if x2.shape[0] <= DECODE_MAX_ROWS:
+        return _native_gemv(x2.contiguous(), w, bias, type_id, n)
+    return _native_prefill(x2.contiguous(), w, bias, type_id, n)
+
+
+@quant_linear_op.register_fake
+def _(x2, w, bias, type_id, n):
+    return x2.new_empty(x2.shape[0], n)
+
+
+# ------------------------------------------------------------------------------------------------- module
 def _default_backend(qtype: str) -> str:
     if qtype == "F32":
         return "dense"
@@ -74,8 +139,11 @@ def _default_backend(qtype: str) -> str:
 
 
 class QuantLinear(nn.Module):
-    """y = x @ W.T + b with W given as a QuantizedWeight. x: [..., in_features] float32/bf16 (fp16 works,
-    computed in float32); y: [..., out_features] in x's dtype."""
+    """y = x @ W.T + b with W given as a QuantizedWeight.
+
+    x: [..., in_features] float32 or bf16 (other float dtypes are computed in float32); y: [..., out_features]
+    in x's dtype. `weight` stays available (e.g. `layer.weight.dequantize()`); `bias` is float32 or None.
+    """
 
     def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None = None, *, backend: str | None = None):
         super().__init__()
@@ -90,17 +158,29 @@ class QuantLinear(nn.Module):
         if bias is not None:
             if tuple(bias.shape) != (self.out_features,):
                 raise FuselmError(f"QuantLinear bias: expected shape ({self.out_features},), got {tuple(bias.shape)}")
-            bias = bias.detach().to(torch.float32).contiguous()
-        self.register_buffer("bias", bias, persistent=False)
-        data = weight.data
-        if data.device.type != "cpu":
-            raise FuselmError(f"QuantLinear: weight bytes must be on the CPU, got {data.device}")
-        # the kernels read rows at a fixed stride; a contiguous view (the usual case, also for an mmap) is used
-        # in place, anything else is copied once
-        self._data = data if data.is_contiguous() else data.contiguous()
+            bias = bias.detach().to("cpu", torch.float32).contiguous()
+        self.bias = bias  # a plain attribute, not a buffer: module.to(dtype) must not change what the kernels read
+        if weight.data.device.type != "cpu":
+            raise FuselmError(f"QuantLinear: weight bytes must be on the CPU, got {weight.data.device}")
+        # a contiguous view (the usual case, also for an mmap) is used in place, anything else is copied once
+        self._data = weight.data if weight.data.is_contiguous() else weight.data.contiguous()
+        self._type_id = NATIVE_TYPES.get(self.qtype, -1)
+        self._w = self._data  # what the native kernels read: the repacked tiles, or F16/BF16 rows as they are
+        if self.backend == "native" and self.qtype in _PACKED_TYPES:
+            self._w = self._repack()
         self._dense: dict[torch.device, torch.Tensor] = {}
         if self.qtype == "F32":
             self._dense[torch.device("cpu")] = self._data.view(torch.float32).view(weight.shape)
+
+    def _repack(self) -> torch.Tensor:
+        lib = native_library()
+        rows = -(-self.out_features // lib.fq_tile_rows()) * lib.fq_tile_rows()
+        packed = torch.empty(rows * self._data.shape[1], dtype=torch.uint8)
+        rc = lib.fq_repack(self._type_id, self._data.data_ptr(), self.out_features, self.in_features, packed.data_ptr())
+        if rc != 0:
+            raise FuselmError(f"QuantLinear: native repack failed for {self.qtype} (code {rc})")
+        drop_file_pages(self._data)  # the tiles are all we read from now on
+        return packed
 
     def extra_repr(self) -> str:
         return (
@@ -108,84 +188,28 @@ class QuantLinear(nn.Module):
             f"backend={self.backend}, bias={self.bias is not None}"
         )
 
-    # ---------------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
+        k = self.in_features
+        if x.shape[-1] != k:
             raise FuselmError(
-                f"QuantLinear ({self.qtype} {self.out_features}x{self.in_features}): input has {x.shape[-1]} features"
+                f"QuantLinear ({self.qtype} {self.out_features}x{k}): input has {x.shape[-1]} features, expected {k}"
             )
         if x.device.type != "cpu" or self.backend == "dense":
             return self._forward_dense(x)
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
+        x2 = x.reshape(-1, k)
         if x2.dtype not in (torch.float32, torch.bfloat16):
             x2 = x2.float()
-        x2 = x2.contiguous()
         if self.backend == "torch":
             y = self._forward_torch(x2)
-        elif x2.shape[0] <= DECODE_MAX_ROWS:
-            y = self._gemv(x2)
+        elif torch.compiler.is_compiling():
+            y = quant_linear_op(x2, self._w, self.bias, self._type_id, self.out_features)
+        elif x2.shape[0] <= DECODE_MAX_ROWS:  # the decode hot path: one ctypes call
+            y = _native_gemv(x2.contiguous(), self._w, self.bias, self._type_id, self.out_features)
         else:
-            y = self._prefill(x2)
-        return y.to(x.dtype).reshape(*lead, self.out_features)
-
-    def _gemv(self, x2: torch.Tensor) -> torch.Tensor:
-        m = x2.shape[0]
-        y = torch.empty(m, self.out_features, dtype=x2.dtype)
-        rc = native_library().fq_linear(
-            NATIVE_TYPES[self.qtype],
-            self._data.data_ptr(),
-            self.out_features,
-            self.in_features,
-            self._data.shape[1],
-            x2.data_ptr(),
-            int(x2.dtype == torch.bfloat16),
-            m,
-            self.in_features,
-            y.data_ptr(),
-            int(y.dtype == torch.bfloat16),
-            self.out_features,
-            None if self.bias is None else self.bias.data_ptr(),
-        )
-        if rc != 0:
-            raise FuselmError(f"QuantLinear: native kernel failed for {self.qtype} (code {rc})")
-        return y
-
-    def _weight_tiles(self):
-        """(row0, row1, bf16 weight tile [row1 - row0, K]) over all rows, decoded into the shared scratch."""
-        n, k = self.weight.shape
-        step = max(1, min(n, TILE_BYTES // (2 * k)))
-        for r0 in range(0, n, step):
-            r1 = min(n, r0 + step)
-            if self.qtype == "BF16":
-                yield r0, r1, self._data[r0:r1].view(torch.bfloat16)
-                continue
-            tile = _Scratch.get((r1 - r0) * k).view(r1 - r0, k)
-            if self.qtype == "F16":
-                tile.copy_(self._data[r0:r1].view(torch.float16))
-            else:
-                rc = native_library().fq_dequant_bf16(
-                    NATIVE_TYPES[self.qtype], self._data.data_ptr(), r0, r1, k, self._data.shape[1], tile.data_ptr(), k
-                )
-                if rc != 0:
-                    raise FuselmError(f"QuantLinear: native dequantize failed for {self.qtype} (code {rc})")
-            yield r0, r1, tile
-
-    def _prefill(self, x2: torch.Tensor) -> torch.Tensor:
-        xb = x2.to(torch.bfloat16)
-        n = self.out_features
-        y = None
-        for r0, r1, tile in self._weight_tiles():
-            part = torch.mm(xb, tile.t())
-            if r0 == 0 and r1 == n:
-                y = part
-                break
-            if y is None:
-                y = torch.empty(x2.shape[0], n, dtype=torch.bfloat16)
-            y[:, r0:r1] = part
-        if self.bias is not None:
-            y = y.float().add_(self.bias)
-        return y
+            y = _native_prefill(x2.contiguous(), self._w, self.bias, self._type_id, self.out_features)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        return y.view(*x.shape[:-1], self.out_features)
 
     def _forward_torch(self, x2: torch.Tensor) -> torch.Tensor:
         n, k = self.weight.shape
@@ -220,6 +244,8 @@ class QuantLinear(nn.Module):
             for r0 in range(0, n, step):
                 r1 = min(n, r0 + step)
                 w[r0:r1] = dequantize(self._data[r0:r1], self.qtype, (r1 - r0, k)).to(device=device, dtype=dtype)
+            if self._w is not self._data:
+                drop_file_pages(self._data)
             self._dense[device] = w
         return self._dense[device]
 

@@ -166,17 +166,25 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
             slx = slx_a - wxa * La
             sl2 = sl2_a - wa * La * La
             new = np.clip(nearest_int(xa * sl2 / slx), -nmax, nmax - 1)
-            slx_new = slx + wxa * new
-            sl2_new = sl2 + wa * new * new
-            ok = (slx > 0) & (new != La) & (sl2_new > 0) & (slx_new * slx_new * sl2_a > slx_a * slx_a * sl2_new)
-            ok &= rows >= pos[active]
-            first = ok.argmax(axis=0)
-            hit = ok[first, np.arange(active.size)]
+            cand = (new != La) & (slx > 0)
+            if pos.any():
+                cand &= rows >= pos[active]
+            # few elements propose a new level: finish the test on those only
+            r, c = np.nonzero(cand)
+            new_c = new[r, c]
+            slx_new = slx[r, c] + wxa[r, c] * new_c
+            sl2_new = sl2[r, c] + wa[r, c] * new_c * new_c
+            ok = (sl2_new > 0) & (slx_new * slx_new * sl2_a[c] > slx_a[c] * slx_a[c] * sl2_new)
+            r, c, new_c, slx_new, sl2_new = r[ok], c[ok], new_c[ok], slx_new[ok], sl2_new[ok]
+            first = np.full(active.size, n)
+            np.minimum.at(first, c, r)
+            win = r == first[c]  # one entry per group that accepts a change: its first element
+            hit = first < n
 
-            g, j = active[hit], first[hit]
-            L[j, g] = new[j, hit]
-            sumlx[g] = slx_new[j, hit]
-            suml2[g] = sl2_new[j, hit]
+            g, j = active[c[win]], r[win]
+            L[j, g] = new_c[win]
+            sumlx[g] = slx_new[win]
+            suml2[g] = sl2_new[win]
             pos[g] = j + 1
             changed[g] = True
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from fuselm.quants.bits import unpack_bits
-from fuselm.quants.cfloat import F32, first_extreme, fp16_bytes, inverse, roundf, signed_absmax
+from fuselm.quants.cfloat import F32, amax_along, first_extreme, fp16_bytes, inverse, roundf, signed_absmax
 from fuselm.quants.unpacked import Unpacked
 
 
@@ -36,8 +36,7 @@ def _symmetric(x: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
 def _asymmetric(x: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Q4_1/Q5_1: d = (max - min) / top, q = (int)((x - min)*id + 0.5f)."""
     mn = first_extreme(x, 1, largest=False)
-    mx = first_extreme(x, 1, largest=True)
-    d = (mx - mn) / F32(top)
+    d = (first_extreme(x, 1, largest=True) - mn) / F32(top)
     q = np.trunc((x - mn[:, None]) * inverse(d)[:, None] + F32(0.5))
     return d, mn, np.minimum(q, top).astype(np.uint8)
 
@@ -63,7 +62,7 @@ def quantize_q5_1(x: np.ndarray) -> np.ndarray:
 
 
 def quantize_q8_0(x: np.ndarray) -> np.ndarray:
-    d = np.abs(x).max(axis=1) / F32(127)
+    d = amax_along(np.abs(x), 1) / F32(127)
     q = roundf(x * inverse(d)[:, None]).astype(np.int8)
     return np.concatenate([fp16_bytes(d), q.view(np.uint8)], axis=1)
 

@@ -1,0 +1,55 @@
+"""Give back the resident pages of a memory-mapped source once its bytes have been repacked.
+
+A weight read from a memory-mapped GGUF is faulted into the process while it is repacked; the repacked copy
+is what the kernels use from then on. `drop_file_pages` tells the kernel (madvise MADV_DONTNEED) that this
+process no longer needs those pages: they leave its resident set and stay in the page cache, and any later
+read (e.g. QuantizedWeight.dequantize) faults them back in from the file. Only read-only or shared file
+mappings are touched, where dropping pages can never lose data; anonymous memory is left alone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import mmap
+import sys
+
+import torch
+
+MADV_DONTNEED = 4
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc.madvise.restype = ctypes.c_int
+    return libc
+
+
+def _file_mapping(start: int, end: int) -> bool:
+    """True when [start, end) lies in one file-backed mapping that is read-only or shared."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split(maxsplit=5)
+            lo, hi = (int(v, 16) for v in parts[0].split("-"))
+            if lo <= start < hi:
+                perms, inode = parts[1], parts[4]
+                path = parts[5].strip() if len(parts) > 5 else ""
+                file_backed = inode != "0" and path and not path.startswith("[")
+                safe = "s" in perms or "w" not in perms
+                return bool(file_backed and safe and end <= hi)
+    return False
+
+
+def drop_file_pages(t: torch.Tensor) -> bool:
+    """Drop t's whole pages from this process's resident set when t views a file mapping. True if done."""
+    if not sys.platform.startswith("linux") or t.device.type != "cpu" or t.numel() == 0:
+        return False
+    page = mmap.PAGESIZE
+    addr = t.data_ptr()
+    start = -(-addr // page) * page
+    end = (addr + t.numel() * t.element_size()) // page * page
+    if end <= start or not _file_mapping(start, end):
+        return False
+    return _libc().madvise(start, end - start, MADV_DONTNEED) == 0
