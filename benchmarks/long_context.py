@@ -162,7 +162,7 @@ def save(directory: Path, config: ModelConfig, model: Transformer, hf_tok: HFTok
 def haystack_ids(tok: Tokenizer, length: int, seed: int = 12345) -> torch.Tensor:
     """A held-out long document for perplexity: one passkey prompt of `length` tokens plus its answer."""
     key = int(np.random.default_rng(seed).integers(*KEY_RANGE))
-    prompt = build_passkey_prompt(tok, length - 8, 0.37, key, STYLE)
+    prompt = build_passkey_prompt(tok, length + 32, 0.37, key, STYLE)  # at least `length` tokens
     return torch.tensor(prompt.ids + tok.encode(f" {key}.", add_special_tokens=False) + [EOS])
 
 

@@ -267,7 +267,8 @@ def register(sub) -> None:
     t.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
     t.set_defaults(func=cmd_compare)
 
+    # No option prefix of its own, so every argument (options and --help included) reaches demo_quality.main().
     t = tasks.add_parser("demo", help="demo model quality (fuselm.evals.demo_quality)", add_help=False,
-                         description="Passes every remaining argument to fuselm.evals.demo_quality.main().")
-    t.add_argument("rest", nargs=argparse.REMAINDER)
+                         prefix_chars="\0", description="Passes every argument to fuselm.evals.demo_quality.main().")
+    t.add_argument("rest", nargs="*")
     t.set_defaults(func=cmd_demo)

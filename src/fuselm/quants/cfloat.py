@@ -6,6 +6,7 @@ round-to-nearest-even. numpy float32 ufuncs round each operation the same way; t
 rest: sequential sums, first-occurrence extremes, C rounding modes, and a fast exact select.
 numpy rather than torch on these paths: torch's CPU sqrt and scalar-by-tensor division round differently,
 its comparisons and where are several times slower, and numpy releases the GIL for chunk-level threads.
+(torch is used for one thing, row max/min, where it is exact and faster.)
 """
 
 from __future__ import annotations

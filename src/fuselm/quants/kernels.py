@@ -90,11 +90,14 @@ def _bf16_tiles(w: torch.Tensor, type_id: int, n: int, k: int):
         if type_id == NATIVE_TYPES["BF16"]:
             yield r0, r1, w[r0:r1].view(torch.bfloat16)
             continue
-        tile = _Scratch.get((r1 - r0) * k).view(r1 - r0, k)
         if type_id == NATIVE_TYPES["F16"]:
+            tile = _Scratch.get((r1 - r0) * k).view(r1 - r0, k)
             tile.copy_(w[r0:r1].view(torch.float16))
         else:
-            rc = native_library().fq_dequant_bf16(type_id, w.data_ptr(), r0, r1, k, tile.data_ptr(), k)
+            # rows K + 32 apart: at a power-of-two stride the 16 rows a tile writes at once share one L1 set
+            ld = k + 32
+            tile = _Scratch.get((r1 - r0) * ld).view(r1 - r0, ld)[:, :k]
+            rc = native_library().fq_dequant_bf16(type_id, w.data_ptr(), r0, r1, k, tile.data_ptr(), ld)
             if rc != 0:
                 raise FuselmError(f"QuantLinear: native dequantize failed for ggml type {type_id} (code {rc})")
         yield r0, r1, tile

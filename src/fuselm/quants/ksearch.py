@@ -149,42 +149,52 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
         L = np.clip(nearest_int(rdiv(-nmax, mx) * x), -nmax, nmax - 1)
         w = x * x
         wx = w * x
-        sumlx = seq_sum(wx * L)
-        suml2 = seq_sum(w * L * L)
+        wxL = wx * L  # each element's terms of sumlx and suml2, kept current as L changes
+        wLL = w * L * L
+        sumlx = seq_sum(wxL)
+        suml2 = seq_sum(wLL)
 
+        # the rounds gather whole groups, so they work on [G, n] copies (a group is one contiguous row)
+        xT, wT, wxT, LT, wxLT, wLLT = (np.ascontiguousarray(a.T) for a in (x, w, wx, L, wxL, wLL))
         pos = np.zeros(G, dtype=np.intp)  # next element to visit in the current pass
         passes = np.zeros(G, dtype=np.intp)
         changed = np.zeros(G, dtype=bool)
         active = np.arange(G)
-        rows = np.arange(n)[:, None]
+        cols = np.arange(n)
         while active.size:
             if active.size == G:  # every group (the first round): views, all updates come after their use
-                xa, wa, wxa, La, slx_a, sl2_a = x, w, wx, L, sumlx, suml2
+                xa, La, wxLa, wLLa, slx_a, sl2_a = xT, LT, wxLT, wLLT, sumlx, suml2
             else:
-                xa, wa, wxa, La = x[:, active], w[:, active], wx[:, active], L[:, active]
+                xa, La, wxLa, wLLa = xT[active], LT[active], wxLT[active], wLLT[active]
                 slx_a, sl2_a = sumlx[active], suml2[active]
-            slx = slx_a - wxa * La
-            sl2 = sl2_a - wa * La * La
+            slx = slx_a[:, None] - wxLa
+            sl2 = sl2_a[:, None] - wLLa
             new = np.clip(nearest_int(xa * sl2 / slx), -nmax, nmax - 1)
             cand = (new != La) & (slx > 0)
             if pos.any():
-                cand &= rows >= pos[active]
+                cand &= cols >= pos[active][:, None]
             # few elements propose a new level: finish the test on those only
-            r, c = np.nonzero(cand)
-            new_c = new[r, c]
-            slx_new = slx[r, c] + wxa[r, c] * new_c
-            sl2_new = sl2[r, c] + wa[r, c] * new_c * new_c
-            ok = (sl2_new > 0) & (slx_new * slx_new * sl2_a[c] > slx_a[c] * slx_a[c] * sl2_new)
-            r, c, new_c, slx_new, sl2_new = r[ok], c[ok], new_c[ok], slx_new[ok], sl2_new[ok]
-            first = np.full(active.size, n)
-            np.minimum.at(first, c, r)
-            win = r == first[c]  # one entry per group that accepts a change: its first element
-            hit = first < n
+            flat = np.flatnonzero(cand)  # by group, then element
+            a, i = flat // n, flat % n
+            g = active[a]
+            new_c = new[a, i]
+            wx_new = wxT[g, i] * new_c
+            wll_new = wT[g, i] * new_c * new_c
+            slx_new = slx[a, i] + wx_new
+            sl2_new = sl2[a, i] + wll_new
+            ok = (sl2_new > 0) & (slx_new * slx_new * sl2_a[a] > slx_a[a] * slx_a[a] * sl2_new)
+            a, i, g = a[ok], i[ok], g[ok]
+            win = np.ones(a.size, dtype=bool)  # the first accepted element of each group
+            win[1:] = a[1:] != a[:-1]
+            hit = np.zeros(active.size, dtype=bool)
+            hit[a] = True
 
-            g, j = active[c[win]], r[win]
-            L[j, g] = new_c[win]
-            sumlx[g] = slx_new[win]
-            suml2[g] = sl2_new[win]
+            g, j = g[win], i[win]
+            LT[g, j] = new_c[ok][win]
+            wxLT[g, j] = wx_new[ok][win]
+            wLLT[g, j] = wll_new[ok][win]
+            sumlx[g] = slx_new[ok][win]
+            suml2[g] = sl2_new[ok][win]
             pos[g] = j + 1
             changed[g] = True
 
@@ -195,6 +205,7 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
             pos[g] = 0
             changed[g] = False
             active = np.concatenate([active[hit], g[again]])
+        L = np.ascontiguousarray(LT.T)
 
         scale = np.where(suml2 > 0, sumlx / suml2, F32(0))
     L += F32(nmax)

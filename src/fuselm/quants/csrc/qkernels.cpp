@@ -696,11 +696,22 @@ void linear(const uint8_t* W, int64_t N, int64_t K, const void* x, int bf16, int
 // ------------------------------------------------------------------------------------------------ dequantize
 
 // Rows [n0, n1) (n0 a multiple of 16) to bf16 out[(n - n0) * ldo + k]: per sub-block, the quads' code vectors
-// (16 rows x 4 codes) are transposed into 16-code runs per row, then w = scale * (code - OFF) + min.
+// (16 rows x 4 codes) are transposed into 16-code runs per row, then w = scale * code + (min - scale * OFF).
 template <class T>
 void dequant_groups(const uint8_t* W, int64_t n0, int64_t n1, int64_t K, uint16_t* out, int64_t ldo) {
     const int64_t nb = K / T::QK;
     const __m512 off = _mm512_set1_ps((float)T::OFF);
+    // byte 16 * L + j of a 4-row vector -> dword j: row L's 16 codes as zero-extended dwords
+    alignas(64) static const uint8_t spread[4][64] = {
+#define FQ_SPREAD(L)                                                                                   \
+    {16 * L + 0,  0, 0, 0, 16 * L + 1,  0, 0, 0, 16 * L + 2,  0, 0, 0, 16 * L + 3,  0, 0, 0,          \
+     16 * L + 4,  0, 0, 0, 16 * L + 5,  0, 0, 0, 16 * L + 6,  0, 0, 0, 16 * L + 7,  0, 0, 0,          \
+     16 * L + 8,  0, 0, 0, 16 * L + 9,  0, 0, 0, 16 * L + 10, 0, 0, 0, 16 * L + 11, 0, 0, 0,          \
+     16 * L + 12, 0, 0, 0, 16 * L + 13, 0, 0, 0, 16 * L + 14, 0, 0, 0, 16 * L + 15, 0, 0, 0}
+        FQ_SPREAD(0), FQ_SPREAD(1), FQ_SPREAD(2), FQ_SPREAD(3)
+#undef FQ_SPREAD
+    };
+    const __mmask64 low_bytes = 0x1111111111111111ull;
     for (int64_t g = n0 / R; g * R < n1; g++) {
         const int rows = (int)std::min<int64_t>(R, n1 - g * R);
         uint16_t* o = out + (g * R - n0) * ldo;
@@ -712,31 +723,27 @@ void dequant_groups(const uint8_t* W, int64_t n0, int64_t n1, int64_t K, uint16_
                 [&](int j, __m512 scale, __m512 mn) {
                     alignas(64) float sc[16], mv[16];
                     _mm512_store_ps(sc, scale);
-                    _mm512_store_ps(mv, mn);
+                    _mm512_store_ps(mv, _mm512_fnmadd_ps(scale, off, mn));
                     for (int u = 0; u < T::SUB / 16; u++) {  // 16 elements = 4 quads
                         const __m512i a = _mm512_unpacklo_epi32(q[4 * u], q[4 * u + 1]);
                         const __m512i bq = _mm512_unpackhi_epi32(q[4 * u], q[4 * u + 1]);
                         const __m512i c = _mm512_unpacklo_epi32(q[4 * u + 2], q[4 * u + 3]);
                         const __m512i d = _mm512_unpackhi_epi32(q[4 * u + 2], q[4 * u + 3]);
-                        // 128-bit lane L of rowsX holds row 4L + X's 16 codes
+                        // 128-bit lane L of rowsv[X] holds the 16 codes of row 4L + X
                         const __m512i rowsv[4] = {_mm512_unpacklo_epi64(a, c), _mm512_unpackhi_epi64(a, c),
                                                   _mm512_unpacklo_epi64(bq, d), _mm512_unpackhi_epi64(bq, d)};
-                        const int64_t k = b * T::QK + j * T::SUB + 16 * u;
-                        for (int L = 0; L < 4; L++)
+                        uint16_t* ok = o + b * T::QK + j * T::SUB + 16 * u;
+                        for (int L = 0; L < 4; L++) {
+                            const __m512i idx = _mm512_load_si512(spread[L]);
                             for (int X = 0; X < 4; X++) {
                                 const int r = 4 * L + X;
-                                if (r >= rows) continue;
-                                __m128i c16;
-                                switch (L) {
-                                    case 0: c16 = _mm512_extracti32x4_epi32(rowsv[X], 0); break;
-                                    case 1: c16 = _mm512_extracti32x4_epi32(rowsv[X], 1); break;
-                                    case 2: c16 = _mm512_extracti32x4_epi32(rowsv[X], 2); break;
-                                    default: c16 = _mm512_extracti32x4_epi32(rowsv[X], 3); break;
-                                }
-                                const __m512 qf = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(c16)), off);
-                                const __m512 w = _mm512_fmadd_ps(qf, _mm512_set1_ps(sc[r]), _mm512_set1_ps(mv[r]));
-                                _mm256_storeu_si256((__m256i*)(o + r * ldo + k), to_bf16(w));
+                                if (r >= rows) break;
+                                const __m512i c32 = _mm512_maskz_permutexvar_epi8(low_bytes, idx, rowsv[X]);
+                                const __m512 w = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c32), _mm512_set1_ps(sc[r]),
+                                                                 _mm512_set1_ps(mv[r]));
+                                _mm256_storeu_si256((__m256i*)(ok + r * ldo), to_bf16(w));
                             }
+                        }
                     }
                 });
         }
