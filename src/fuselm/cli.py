@@ -40,7 +40,9 @@ def _add_model(p: argparse.ArgumentParser, optional: bool = True) -> None:
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=int, default=256, help="maximum new tokens (default 256)")
+    g.add_argument("--max-tokens", type=int, default=None,
+                   help="maximum new tokens (default 256; with --images on, image tokens count too, so the default "
+                        "then leaves room for images: 256 + 4 images' worth, within the context)")
     g.add_argument("--temperature", type=float, default=None, help="0 = greedy (default 0.8)")
     g.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (default 40; 0 = off)")
     g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default 0.95)")
@@ -67,8 +69,17 @@ def _load_model(args):
     return load(args.model, dtype=args.dtype, rope_scaling=rope)
 
 
-def _sampling_kwargs(args) -> dict:
-    return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+def _max_tokens(args, model) -> int:
+    if args.max_tokens is not None:
+        return args.max_tokens
+    if getattr(args, "images", "off") == "on" and model.image_tokenizer is not None:
+        h, w = model.image_tokenizer.grid
+        return min(256 + 4 * (h * w + 2), model.config.max_position_embeddings)
+    return 256
+
+
+def _sampling_kwargs(args, model) -> dict:
+    return dict(max_tokens=_max_tokens(args, model), temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                 min_p=args.min_p, repetition_penalty=args.repeat_penalty, seed=args.seed, stop=tuple(args.stop))
 
 
@@ -77,14 +88,14 @@ def cmd_generate(args) -> int:
 
     model = _load_model(args)
     return run_generation(model, args.prompt, images=args.images, image_paths=args.image, out=args.out,
-                          **_sampling_kwargs(args))
+                          **_sampling_kwargs(args, model))
 
 
 def cmd_chat(args) -> int:
     from .generation.render import run_chat
 
     model = _load_model(args)
-    return run_chat(model, system=args.system, **_sampling_kwargs(args))
+    return run_chat(model, system=args.system, **_sampling_kwargs(args, model))
 
 
 def cmd_inspect(args) -> int:

@@ -57,7 +57,7 @@ class PasskeyPrompt:
 
 @dataclass
 class PasskeyResult:
-    length: int  # requested prompt length in tokens
+    length: int  # tokens for prompt + answer (the prompt gets length minus the answer budget)
     trials: int
     correct: int
     mean_prompt_tokens: float
@@ -169,7 +169,9 @@ def trial_plan(length: int, trials: int, seed: int) -> tuple[list[int], list[flo
 def passkey_accuracy(model, length: int, *, trials: int = 20, seed: int = 0,
                      style: PasskeyStyle = STYLES["yarn"], max_new_tokens: int | None = None,
                      progress: Callable[[], None] | None = None) -> PasskeyResult:
-    """Accuracy of greedy passkey retrieval at prompts of `length` tokens. `progress()` is called per trial."""
+    """Accuracy of greedy passkey retrieval within `length` tokens: the prompt gets `length` minus the answer
+    budget (max_new_tokens, default the key's token count + 4), so the answer too lies inside the length.
+    `progress()` is called per trial."""
     tokenizer = model.tokenizer
     if tokenizer is None:
         raise FuselmError(f"{getattr(model, 'source', 'model')}: the model has no tokenizer; the passkey "
@@ -179,8 +181,9 @@ def passkey_accuracy(model, length: int, *, trials: int = 20, seed: int = 0,
     keys, depths = trial_plan(length, trials, seed)
     result = PasskeyResult(length=length, trials=trials, correct=0, mean_prompt_tokens=0.0)
     for key, depth in zip(keys, depths):
-        prompt = build_passkey_prompt(tokenizer, length, depth, key, style)
         budget = max_new_tokens or len(tokenizer.encode(f" {key}.", add_special_tokens=False)) + 4
+        # The whole exchange, prompt and answer, fits in `length` tokens.
+        prompt = build_passkey_prompt(tokenizer, length - budget, depth, key, style)
         tokens = greedy_continuation(model, prompt.ids, budget,
                                      done=lambda t: _answer_complete(tokenizer.decode(t, skip_special_tokens=True)))
         answer = first_integer(tokenizer.decode(tokens, skip_special_tokens=True))

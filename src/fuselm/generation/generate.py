@@ -73,7 +73,8 @@ def generate(model, prompt, *, max_tokens: int = 256, temperature: float | None 
     if model.image_tokenizer is not None or options or _has_images(prompt):
         from .mixed import generate_mixed
 
-        yield from generate_mixed(model, prompt, max_tokens=max_tokens, sampling=params, seed=seed, stop=stop,
+        chosen = params if (overrides or sampling is not None) else None  # None: the modality's own defaults
+        yield from generate_mixed(model, prompt, max_tokens=max_tokens, sampling=chosen, seed=seed, stop=stop,
                                   stop_token_ids=stop_token_ids, processors=processors, **options)
         return
     ids, template_stops = encode_prompt(model, prompt)

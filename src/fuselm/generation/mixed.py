@@ -101,7 +101,7 @@ def generate_mixed(model, prompt, *, max_tokens: int = 256, sampling: SamplingPa
         guidance = ClassifierFreeGuidance(setup.machine, kind, text_scale=cfg_text, image_scale=cfg_image,
                                           scale=cfg_scale)
         guidance = None if guidance.is_identity else guidance
-    default = sampling is None or sampling is DEFAULT_SAMPLING  # fuselm.generate always passes one
+    default = sampling is None
     text_params = text_sampling or ((META_TEXT if layout == "chameleon" else LUMINA_TEXT) if default else sampling)
     image_params = image_sampling or (META_IMAGE if layout == "chameleon" else LUMINA_IMAGE)
     run = _Run(model, setup, ids, capacity=capacity, guidance=guidance, processors=processors, seed=seed,
