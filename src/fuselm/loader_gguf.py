@@ -7,8 +7,9 @@ from pathlib import Path
 import torch
 
 from . import archs
+from .errors import FuselmError
 from .formats import gguf as gguf_format
-from .model.build import build_transformer, check_state_dict, parse_dtype
+from .model.build import build_transformer, check_state_dict, parse_dtype, qk_norm_groups
 from .model.rope import normalize_rope_scaling
 from .sources import rope_freqs_tensor
 from .tokenizer import Tokenizer
@@ -50,7 +51,8 @@ def _image_tokenizer(path: Path):
     return ImageTokenizer(vqgan_from_state_dict(config, state, source=str(companion)))
 
 
-def load_gguf(path: Path, *, dtype=None, device: str = "cpu", rope_scaling: dict | None = None):
+def load_gguf(path: Path, *, dtype=None, device: str = "cpu", rope_scaling: dict | None = None,
+              dequantize_all: bool = False):
     from .loader import Model, _with_rope_override
 
     path = Path(path)
@@ -66,19 +68,61 @@ def load_gguf(path: Path, *, dtype=None, device: str = "cpu", rope_scaling: dict
     for name, t in gf.tensors.items():
         if t.type_name in PLAIN_TYPES:
             tensors[name] = t.to_torch()
-        else:
-            from .quants import dequantize
-
-            rows = int(torch.tensor(t.shape[:-1]).prod()) if len(t.shape) > 1 else 1
-            data = torch.from_numpy(t.data).reshape(rows, -1)
-            tensors[name] = dequantize(data, t.type_name, (rows, t.shape[-1])).reshape(t.shape)
+        else:  # GGML bytes [rows, row_bytes]: row permutations and splits work on them unchanged
+            rows = t.data.shape[0] if t.data.ndim > 1 else 1
+            tensors[name] = torch.from_numpy(t.data).reshape(rows, -1)
     state = archs.gguf_to_internal(config, tensors, source=str(path))
-    state = check_state_dict(config, state, str(path), lambda n: n)
-    target = parse_dtype(dtype) or (torch.float32 if quantized else _plain_dtype(state))
-    transformer = build_transformer(config, state, dtype=target, device=device)
+    qtypes = {}
+    for name in state:
+        gname = archs.gguf_tensor_name(config, name)
+        if gname in gf.tensors and gf.tensors[gname].type_name not in PLAIN_TYPES:
+            qtypes[name] = gf.tensors[gname].type_name
+    target = parse_dtype(dtype) or (torch.bfloat16 if quantized else _plain_dtype(state))
+    # Quantized weights become modules (their byte shapes are checked by QuantizedWeight against the config).
+    modules, consumed = _quantized_modules(config, state, qtypes, target, dense=dequantize_all)
+    state = check_state_dict(config, state, str(path), lambda n: archs.gguf_tensor_name(config, n),
+                             provided=consumed)
+    transformer = build_transformer(config, state, dtype=target, device=device, modules=modules)
     file_type = "gguf " + ("+".join(quantized) if quantized else "+".join(sorted(types)))
     return Model(transformer, _gguf_tokenizer(path, gf), image_tokenizer=_image_tokenizer(path), source=str(path),
                  file_type=file_type)
+
+
+def _quantized_modules(config, state: dict[str, torch.Tensor], qtypes: dict[str, str], dtype: torch.dtype, *,
+                       dense: bool) -> tuple[dict[str, torch.nn.Module], set[str]]:
+    """QuantLinear / QuantizedEmbedding modules for every quantized weight, and the state-dict names they took
+    (removed from `state`). dense: dequantize into `state` instead."""
+    from .quants import dequantize
+    from .quants.embedding import QuantizedEmbedding
+    from .quants.kernels import QuantLinear
+    from .quants.tensor import QuantizedWeight
+
+    expected = archs.expected_shapes(config, qk_norm_groups(config, state))
+    modules: dict[str, torch.nn.Module] = {}
+    consumed: set[str] = set()
+    for name, qtype in qtypes.items():
+        shape = expected.get(name)
+        if shape is None or len(shape) != 2:
+            raise FuselmError(f"tensor {archs.gguf_tensor_name(config, name)!r} is quantized ({qtype}) but is not "
+                              "a 2-D weight of this model")
+        weight = QuantizedWeight(state[name].contiguous(), qtype, shape)
+        module_path = name[: -len(".weight")]
+        if dense:
+            state[name] = dequantize(weight.data, qtype, shape)
+            continue
+        state.pop(name)
+        consumed.add(name)
+        if module_path == "embed":
+            modules["embed"] = QuantizedEmbedding(weight, dtype)
+            if config.tie_word_embeddings:
+                modules["lm_head"] = QuantLinear(weight)
+        else:
+            bias = state.get(module_path + ".bias")
+            modules[module_path] = QuantLinear(weight, bias)
+            if bias is not None:
+                state.pop(module_path + ".bias")
+                consumed.add(module_path + ".bias")
+    return modules, consumed
 
 
 def _plain_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:

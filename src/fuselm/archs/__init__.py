@@ -18,6 +18,7 @@ from .gguf import (
     config_from_gguf,
     config_to_gguf_metadata,
     gguf_module_names,
+    gguf_tensor_name,
     gguf_to_internal,
     internal_to_gguf,
     permute_for_interleaved_rope,
@@ -38,7 +39,7 @@ from .tensors import expected_shapes, is_norm_weight
 __all__ = [
     "config_from_gguf", "config_to_gguf_metadata",
     "GGUF_PERMUTES_QK", "HF_MODEL_TYPES", "SUPPORTED_ARCHS", "config_from_hf", "config_to_hf", "expected_shapes",
-    "gguf_module_names", "gguf_to_internal", "hf_module_names", "hf_tensor_name", "hf_to_internal",
+    "gguf_module_names", "gguf_tensor_name", "gguf_to_internal", "hf_module_names", "hf_tensor_name", "hf_to_internal",
     "internal_to_gguf", "internal_to_hf",
     "is_norm_weight", "permute_for_interleaved_rope", "unpermute_from_interleaved_rope",
 ]

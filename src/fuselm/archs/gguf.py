@@ -18,7 +18,7 @@ from ..model.rope import (
     rope_scaling_from_gguf,
     rope_scaling_gguf_keys,
 )
-from .tensors import _rename
+from .tensors import _rename, translate_name
 
 # ---------------------------------------------------------------- GGUF name tables (llama.cpp's names)
 
@@ -385,3 +385,8 @@ def config_from_gguf(metadata: Mapping, source: str, tensors: Mapping[str, tuple
 
 def _optional_int(value) -> int | None:
     return None if value is None else int(value)
+
+
+def gguf_tensor_name(config: ModelConfig, name: str) -> str:
+    """The GGUF name holding an internal tensor (Falcon's q/k/v live in the fused attn_qkv)."""
+    return translate_name(gguf_module_names(config), name, fused_qkv=config.arch == "falcon")

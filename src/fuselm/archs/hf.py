@@ -9,7 +9,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import FuselmError
-from .tensors import _rename
+from .tensors import _rename, translate_name
 
 SUPPORTED_ARCHS = ("llama", "chameleon", "falcon")
 # HF model_type values (and old remote-code names) that map onto our archs.
@@ -321,11 +321,4 @@ def internal_to_hf(config: ModelConfig, state_dict: Mapping[str, torch.Tensor]) 
 
 def hf_tensor_name(config: ModelConfig, name: str) -> str:
     """The name an internal tensor has in an HF checkpoint (for error messages)."""
-    if config.arch == "falcon":
-        name = re.sub(r"\.attn\.[qkv]\.", ".attn.qkv.", name)
-    for ours, theirs in hf_module_names(config).items():
-        m = re.fullmatch(re.escape(ours).replace(r"\{i\}", r"(?P<i>\d+)") + r"\.(weight|bias)", name)
-        if m:
-            i = m.groupdict().get("i")
-            return (theirs.replace("{i}", i) if i else theirs) + "." + m.group(m.lastindex)
-    return name
+    return translate_name(hf_module_names(config), name, fused_qkv=config.arch == "falcon")

@@ -82,3 +82,18 @@ def _rename(state_dict: Mapping[str, torch.Tensor], table: dict[str, str], sourc
     return out
 
 
+
+
+def translate_name(table: dict[str, str], name: str, *, fused_qkv: bool = False) -> str:
+    """One internal tensor name through a module table (internal template -> other template).
+
+    With fused_qkv, attn.q/k/v map to the fused attn.qkv tensor they live in (Falcon). Unknown names pass through.
+    """
+    if fused_qkv:
+        name = re.sub(r"\.attn\.[qkv]\.", ".attn.qkv.", name)
+    for ours, theirs in table.items():
+        m = re.fullmatch(re.escape(ours).replace(r"\{i\}", r"(?P<i>\d+)") + r"\.(weight|bias)", name)
+        if m:
+            i = m.groupdict().get("i")
+            return (theirs.replace("{i}", i) if i else theirs) + "." + m.group(m.lastindex)
+    return name

@@ -32,7 +32,7 @@ def run_bench(model, prompt_tokens: int, gen_tokens: int, repeats: int = 1, seed
     config = model.config
     gen = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, config.vocab_size, (1, prompt_tokens), generator=gen)
-    dtype = model.transformer.embed.weight.dtype
+    dtype = model.transformer.dtype
     best_prefill = best_decode = float("inf")
     with torch.inference_mode():
         model.transformer(prompt[:, :8])  # warm-up: first-call allocations and kernel selection

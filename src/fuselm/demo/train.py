@@ -204,10 +204,20 @@ def kmeans(points: torch.Tensor, k: int, generator: torch.Generator, iters: int 
     return centroids
 
 
+def _zero_init_residuals(vq: VQGAN) -> None:
+    """Every residual branch starts as the identity (last conv of each res block and attention output zeroed):
+    the net begins as a shallow conv stack that learns colours and edges fast, and grows depth as it trains."""
+    for name, module in vq.named_modules():
+        if name.endswith(("conv2", "proj_out")):
+            torch.nn.init.zeros_(module.weight)
+            torch.nn.init.zeros_(module.bias)
+
+
 def train_vqgan(r: Recipe, scenes: list[Scene], log: TrainingLog) -> VQGAN:
     torch.manual_seed(r.seed)
     generator = torch.Generator().manual_seed(r.seed)
     vq = VQGAN(vqgan_config(r)).train()
+    _zero_init_residuals(vq)
     images = pixels_of(scenes)
     params = [p for name, p in vq.named_parameters() if not name.startswith("quantize.")]
     opt = torch.optim.Adam(params, lr=r.vq_lr)

@@ -63,8 +63,7 @@ def decode_tokens(model: Transformer, prompt: torch.Tensor, *, max_new_tokens: i
     state = state or GenState(prompt_len=T - int(pad[0]), capacity=capacity - int(pad[0]))
     state.history = prompt[:1, int(pad[0]):]
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    dtype = model.embed.weight.dtype
-    cache = KVCache(config, B, capacity, dtype=dtype, device=model.embed.weight.device)
+    cache = KVCache(config, B, capacity, dtype=model.dtype, device=model.device)
     cache.pad = pad.to(cache.pad.device)
     stops = set(int(s) for s in stop_token_ids)
 

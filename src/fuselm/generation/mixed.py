@@ -203,7 +203,7 @@ def _capacity(model, ids: list[int], max_tokens: int, setup: _Setup) -> int:
 
 def _forward(model: Transformer, cache: KVCache, tokens: Sequence[int]) -> torch.Tensor:
     """Feed the same tokens to every row of the cache; logits [B, V] of the last one."""
-    t = torch.tensor([list(tokens)] * cache.batch, dtype=torch.long, device=model.embed.weight.device)
+    t = torch.tensor([list(tokens)] * cache.batch, dtype=torch.long, device=model.device)
     return model(t, cache=cache, last_only=True)[:, -1]
 
 
@@ -268,8 +268,7 @@ class _Run:
 
     def events(self) -> Iterator[Event]:
         ids, m, roles = self.ids, self.machine, self.setup.roles
-        k0 = self.tr.embed.weight
-        main = KVCache(self.model.config, 1, self.capacity, dtype=k0.dtype, device=k0.device)
+        main = KVCache(self.model.config, 1, self.capacity, dtype=self.tr.dtype, device=self.tr.device)
         cache = main
         seq = list(ids)  # every token of the sequence; cache.length of them have been fed
         state = GenState(prompt_len=len(ids), capacity=self.capacity)

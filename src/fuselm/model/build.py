@@ -5,7 +5,7 @@ Weights are assigned, not copied: a tensor already in the target dtype stays a v
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -45,12 +45,19 @@ def qk_norm_groups(config: ModelConfig, state_dict: Mapping[str, torch.Tensor]) 
 
 
 def check_state_dict(config: ModelConfig, state_dict: dict[str, torch.Tensor], source: str,
-                     display_name: Callable[[str], str] = str) -> dict[str, torch.Tensor]:
-    """Validate names, shapes and values; fill FlashNorm-folded norms. Returns the completed state dict."""
+                     display_name: Callable[[str], str] = str,
+                     provided: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+    """Validate names, shapes and values; fill FlashNorm-folded norms. Returns the completed state dict.
+
+    `provided` names tensors that arrive as ready-made modules (quantized weights) and are checked there.
+    """
     groups = qk_norm_groups(config, state_dict)
     expected = expected_shapes(config, groups)
+    provided = set(provided)
     out = dict(state_dict)
     for name, shape in expected.items():
+        if name in provided:
+            continue
         if name not in out:
             if config.flashnorm and is_norm_weight(name):
                 fill = torch.ones if name.endswith(".weight") else torch.zeros
@@ -104,5 +111,6 @@ def build_transformer(config: ModelConfig, state_dict: Mapping[str, torch.Tensor
     if missing or unexpected:
         raise FuselmError(f"internal error: model/state dict mismatch (missing {missing[:5]}, "
                           f"unexpected {unexpected[:5]})")
+    model.compute_dtype = dtype
     model.eval()
     return model

@@ -24,6 +24,15 @@ class Transformer(nn.Module):
                              max_position_embeddings=config.max_position_embeddings,
                              scaling=normalize_rope_scaling(config.rope_scaling))
         self._rope_cache: tuple[int | None, torch.Tensor, float] | None = None
+        self.compute_dtype: torch.dtype = torch.float32  # activations and KV cache; set by model.build
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.compute_dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device
 
     def _frequencies(self, seq_len: int) -> tuple[torch.Tensor, float]:
         # Only dynamic NTK depends on the length; everything else is computed once.
@@ -33,9 +42,6 @@ class Transformer(nn.Module):
             inv_freq, factor = rope_frequencies(self.rope, seq_len if dynamic else None)
             self._rope_cache = (key, inv_freq, factor)
         return self._rope_cache[1], self._rope_cache[2]
-
-    def output_weight(self) -> torch.Tensor | nn.Module:
-        return self.embed.weight if self.lm_head is None else self.lm_head
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None,
                 last_only: bool = False) -> torch.Tensor:

@@ -649,6 +649,9 @@ void gemv_groups(const uint8_t* W, int64_t g0, int64_t g1, int64_t K, const Act&
         for (int m = 0; m < MR; m++) acc[m] = accm[m] = _mm512_setzero_ps();
         for (int64_t b = 0; b < nb; b++, tile += R * T::BS) {
             const int64_t k0 = b * T::QK;
+#ifdef FQ_PREFETCH
+            for (int i = 0; i < R * T::BS; i += 64) _mm_prefetch((const char*)tile + FQ_PREFETCH + i, _MM_HINT_T0);
+#endif
             for (int m = 0; m < MR; m++) ah[m] = al[m] = _mm512_setzero_si512();
             T::visit(
                 tile,
