@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import archs
@@ -64,20 +65,24 @@ def load_gguf(path: Path, *, dtype=None, device: str = "cpu", rope_scaling: dict
         normalize_rope_scaling(config.rope_scaling, source=str(path))
     types = {t.type_name for t in gf.tensors.values()}
     quantized = sorted(types - set(PLAIN_TYPES))
+    # 16-bit matrices also run from the file's bytes when the native kernels exist (no bf16 copy of the model).
+    as_bytes = {t.name for t in gf.tensors.values()
+                if t.type_name not in PLAIN_TYPES
+                or (t.type_name in ("F16", "BF16") and len(t.shape) == 2 and not dequantize_all and _native())}
     tensors: dict[str, torch.Tensor] = {}
     for name, t in gf.tensors.items():
-        if t.type_name in PLAIN_TYPES:
-            tensors[name] = t.to_torch()
-        else:  # GGML bytes [rows, row_bytes]: row permutations and splits work on them unchanged
+        if name in as_bytes:  # GGML bytes [rows, row_bytes]: row permutations and splits work on them unchanged
             rows = t.data.shape[0] if t.data.ndim > 1 else 1
-            tensors[name] = torch.from_numpy(t.data).reshape(rows, -1)
+            tensors[name] = torch.from_numpy(t.data.view(np.uint8)).reshape(rows, -1)
+        else:
+            tensors[name] = t.to_torch()
     state = archs.gguf_to_internal(config, tensors, source=str(path))
     qtypes = {}
     for name in state:
         gname = archs.gguf_tensor_name(config, name)
-        if gname in gf.tensors and gf.tensors[gname].type_name not in PLAIN_TYPES:
+        if gname in as_bytes:
             qtypes[name] = gf.tensors[gname].type_name
-    target = parse_dtype(dtype) or (torch.bfloat16 if quantized else _plain_dtype(state))
+    target = parse_dtype(dtype) or (torch.bfloat16 if qtypes else _plain_dtype(state))
     # Quantized weights become modules (their byte shapes are checked by QuantizedWeight against the config).
     modules, consumed = _quantized_modules(config, state, qtypes, target, dense=dequantize_all)
     state = check_state_dict(config, state, str(path), lambda n: archs.gguf_tensor_name(config, n),
@@ -86,6 +91,12 @@ def load_gguf(path: Path, *, dtype=None, device: str = "cpu", rope_scaling: dict
     file_type = "gguf " + ("+".join(quantized) if quantized else "+".join(sorted(types)))
     return Model(transformer, _gguf_tokenizer(path, gf), image_tokenizer=_image_tokenizer(path), source=str(path),
                  file_type=file_type)
+
+
+def _native() -> bool:
+    from .quants.kernel_build import native_library
+
+    return native_library() is not None
 
 
 def _quantized_modules(config, state: dict[str, torch.Tensor], qtypes: dict[str, str], dtype: torch.dtype, *,

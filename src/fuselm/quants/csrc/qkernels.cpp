@@ -650,7 +650,7 @@ void gemv_groups(const uint8_t* W, int64_t g0, int64_t g1, int64_t K, const Act&
         for (int64_t b = 0; b < nb; b++, tile += R * T::BS) {
             const int64_t k0 = b * T::QK;
 #ifdef FQ_PREFETCH
-            for (int i = 0; i < R * T::BS; i += 64) _mm_prefetch((const char*)tile + FQ_PREFETCH + i, _MM_HINT_T0);
+            for (int i = 0; i < R * T::BS; i += 64) _mm_prefetch((const char*)tile + FQ_PREFETCH + i, _MM_HINT_T1);
 #endif
             for (int m = 0; m < MR; m++) ah[m] = al[m] = _mm512_setzero_si512();
             T::visit(
@@ -658,7 +658,9 @@ void gemv_groups(const uint8_t* W, int64_t g0, int64_t g1, int64_t K, const Act&
                 [&](int t, __m512i c) {
                     for (int m = 0; m < MR; m++) {
                         ah[m] = _mm512_dpbusd_epi32(ah[m], c, _mm512_set1_epi32((int)rd32((const uint8_t*)hr[m] + k0 + 4 * t)));
+#ifndef FQ_NO_LO
                         al[m] = _mm512_dpbusd_epi32(al[m], c, _mm512_set1_epi32((int)rd32((const uint8_t*)lr[m] + k0 + 4 * t)));
+#endif
                     }
                 },
                 [&](int j, __m512 scale, __m512 mn) {

@@ -1,0 +1,150 @@
+"""Decode and prefill speed and peak RSS: fuselm vs llama.cpp on the same GGUF files, plus transformers bf16.
+
+    python benchmarks/decode.py [--types F16,Q8_0,Q4_0,Q4_K_M] [--layers 22] [--threads 2]
+
+A TinyLlama-1.1B-shape model with random weights (dim 2048, 22 layers, 32/4 heads, ffn 5632, vocab 32000), its
+vocabulary taken from llama.cpp's models/ggml-vocab-llama-spm.gguf (llama-cpp-python sdist, see the Makefile).
+Files are written with fuselm's own quantizer (bit-exact with llama.cpp's). Every measurement runs in a fresh
+process so that peak RSS is its own. Prints prefill tok/s (128-token prompt), decode tok/s (64 tokens, batch 1)
+and peak RSS, each as a fuselm / llama.cpp ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB = ROOT / ".venv/llama-sdist/llama_cpp_python-0.3.36/vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf"
+
+
+def make_files(workdir: Path, types: list[str], layers: int) -> dict[str, Path]:
+    from fuselm import archs
+    from fuselm.commands.quantize import quantize_model
+    from fuselm.config import ModelConfig
+    from fuselm.formats.gguf import read_gguf, write_gguf
+    from fuselm.formats.hf import write_hf_dir
+    from fuselm.model.transformer import Transformer
+
+    config = ModelConfig(arch="llama", vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+                         num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=4, head_dim=64,
+                         max_position_embeddings=2048, norm_eps=1e-5, bos_token_id=1, eos_token_ids=(2,))
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in Transformer(config).state_dict().items()}
+    gen = torch.Generator().manual_seed(0)
+    state = {k: (torch.randn(s, generator=gen) * 0.02).to(torch.bfloat16) if len(s) == 2 else torch.ones(s)
+             for k, s in shapes.items()}
+    hf_dir = workdir / "hf-bf16"
+    write_hf_dir(hf_dir, {**archs.config_to_hf(config), "torch_dtype": "bfloat16"}, archs.internal_to_hf(config, state))
+    vocab = {k: v for k, v in read_gguf(VOCAB).metadata.items() if k.startswith("tokenizer.")}
+    files = {"F16": workdir / "model-F16.gguf"}
+    tensors = {n: (t.to(torch.float16) if t.ndim == 2 else t.float(), "F16" if t.ndim == 2 else "F32")
+               for n, t in archs.internal_to_gguf(config, state).items()}
+    write_gguf(files["F16"], config, tensors, tokenizer=vocab, progress=False)
+    del state, tensors
+    for t in types:
+        if t != "F16":
+            files[t] = workdir / f"model-{t}.gguf"
+            quantize_model(files["F16"], files[t], t, progress=False)
+    files["hf"] = hf_dir
+    return files
+
+
+WORKER = r"""
+import json, sys, time, torch
+kind, path, threads, n_prompt, n_gen = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+def peak_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) / 1024
+torch.set_num_threads(threads)
+prompt = torch.randint(3, 31000, (1, n_prompt), generator=torch.Generator().manual_seed(0))
+if kind == "llama.cpp":
+    import llama_cpp
+    llm = llama_cpp.Llama(model_path=path, n_ctx=n_prompt + n_gen + 8, n_batch=n_prompt, n_threads=threads,
+                          n_threads_batch=threads, verbose=False)
+    ids = prompt[0].tolist()
+    llm.eval(ids[:8]); llm.reset()
+    t0 = time.perf_counter(); llm.eval(ids); prefill = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for i in range(n_gen):
+        llm.eval([int(ids[i % len(ids)])])
+    decode = time.perf_counter() - t0
+elif kind == "transformers":
+    from transformers import LlamaForCausalLM
+    model = LlamaForCausalLM.from_pretrained(path, torch_dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        model(prompt[:, :8])
+        t0 = time.perf_counter(); out = model(prompt, use_cache=True); prefill = time.perf_counter() - t0
+        past = out.past_key_values; tok = out.logits[:, -1:].argmax(-1)
+        t0 = time.perf_counter()
+        for _ in range(n_gen):
+            out = model(tok, past_key_values=past, use_cache=True); past = out.past_key_values
+            tok = out.logits[:, -1:].argmax(-1)
+        decode = time.perf_counter() - t0
+else:
+    import fuselm
+    from fuselm.commands.bench import run_bench
+    r = run_bench(fuselm.load(path), n_prompt, n_gen)
+    prefill, decode = n_prompt / r["prefill_tok_s"], n_gen / r["decode_tok_s"]
+print(json.dumps({"prefill_tok_s": n_prompt / prefill, "decode_tok_s": n_gen / decode, "peak_rss_mb": peak_mb()}))
+"""
+
+
+def measure(kind: str, path: Path, threads: int, n_prompt: int, n_gen: int) -> dict | None:
+    proc = subprocess.run([sys.executable, "-c", WORKER, kind, str(path), str(threads), str(n_prompt), str(n_gen)],
+                          capture_output=True, text=True)
+    if proc.returncode:
+        print(f"  {kind} on {path.name} failed: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--types", default="F16,Q8_0,Q4_0,Q4_K_M")
+    parser.add_argument("--layers", type=int, default=22)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--gen-tokens", type=int, default=64)
+    parser.add_argument("--workdir", default=None)
+    args = parser.parse_args()
+    if not VOCAB.is_file():
+        sys.exit(f"missing {VOCAB}: run `make .venv/llama-sdist/.ok` first")
+    types = args.types.split(",")
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        t0 = time.perf_counter()
+        files = make_files(Path(tmp), types, args.layers)
+        print(f"model files written in {time.perf_counter() - t0:.0f}s; {args.threads} threads, "
+              f"{args.prompt_tokens}-token prompt, {args.gen_tokens} decoded tokens", flush=True)
+        ref = measure("transformers", files["hf"], args.threads, args.prompt_tokens, args.gen_tokens)
+        if ref:
+            print(f"transformers bf16: prefill {ref['prefill_tok_s']:.1f} tok/s, decode {ref['decode_tok_s']:.1f} "
+                  f"tok/s, peak RSS {ref['peak_rss_mb']:.0f} MiB", flush=True)
+        header = (f"{'type':<8} {'file MiB':>9} | {'prefill f/l tok/s':>18} {'ratio':>6} | {'decode f/l tok/s':>17} "
+                  f"{'ratio':>6} | {'RSS f/l MiB':>12} {'ratio':>6} {'RSS/file':>8}")
+        print(header)
+        for t in types:
+            size = files[t].stat().st_size / 2**20
+            ours = measure("fuselm", files[t], args.threads, args.prompt_tokens, args.gen_tokens)
+            theirs = measure("llama.cpp", files[t], args.threads, args.prompt_tokens, args.gen_tokens)
+            if not (ours and theirs):
+                continue
+            print(f"{t:<8} {size:>9.0f} | {ours['prefill_tok_s']:>8.1f}/{theirs['prefill_tok_s']:<9.1f} "
+                  f"{ours['prefill_tok_s'] / theirs['prefill_tok_s']:>5.2f}x | "
+                  f"{ours['decode_tok_s']:>7.1f}/{theirs['decode_tok_s']:<9.1f} "
+                  f"{ours['decode_tok_s'] / theirs['decode_tok_s']:>5.2f}x | "
+                  f"{ours['peak_rss_mb']:>5.0f}/{theirs['peak_rss_mb']:<6.0f} "
+                  f"{ours['peak_rss_mb'] / theirs['peak_rss_mb']:>5.2f}x {ours['peak_rss_mb'] / size:>7.2f}",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
