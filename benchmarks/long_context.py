@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import string
 import time
@@ -114,11 +115,15 @@ def key_accuracy(model: Transformer, tok: Tokenizer, lo: int, hi: int, n: int = 
     return float(right.all(-1).float().mean())
 
 
-def train(tok: Tokenizer, config: ModelConfig, seconds: float, batch_size: int, lr: float,
-          seed: int) -> tuple[Transformer, dict]:
-    """AdamW with a two-phase curriculum: short prompts until retrieval appears (or 60% of the time), then
-    96..256 tokens with the learning rate decaying to 10% over the rest; stops early once the key is right on
-    every monitor prompt at full length twice in a row."""
+def train(tok: Tokenizer, config: ModelConfig, *, short_max_steps: int, full_steps: int, batch_size: int, lr: float,
+          seed: int, max_seconds: float) -> tuple[Transformer, dict]:
+    """AdamW, two phases, every decision by step count and a fixed monitor (so a seed gives the same model on any
+    machine, only slower or faster):
+    1. short prompts (SHORT) until the teacher-forced key accuracy reaches 0.5 (checked every 100 steps; at
+       most short_max_steps): retrieval is learnt here, in a phase change after a few hundred steps;
+    2. 88..256 tokens for full_steps, the learning rate falling to 10% (cosine); stops early once every monitor
+       key is right twice in a row.
+    max_seconds is a safety stop only (reported when hit)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = Transformer(config).train()
@@ -128,13 +133,19 @@ def train(tok: Tokenizer, config: ModelConfig, seconds: float, batch_size: int, 
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     t0 = time.perf_counter()
     full = (SHORT[0], TRAIN_CONTEXT)
-    phase, switched_at, perfect, step, smooth, history = "short", None, 0, 0, None, []
+    phase, switched, perfect, step, smooth, history, stop = "short", None, 0, 0, None, [], "full_steps done"
     bar = tqdm(desc="train", unit="step", dynamic_ncols=True)
-    while (elapsed := time.perf_counter() - t0) < seconds:
+    while True:
+        if time.perf_counter() - t0 > max_seconds:
+            stop = f"time limit {max_seconds:.0f} s"
+            break
         if phase == "short":
             scale = min(1.0, (step + 1) / 50)
         else:
-            scale = 1.0 - 0.9 * min(1.0, (elapsed - switched_at) / max(seconds - switched_at, 1e-9))
+            done = (step - switched) / full_steps
+            if done >= 1:
+                break
+            scale = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * done))
         for g in opt.param_groups:
             g["lr"] = lr * scale
         x, y, w = batch(tok, rng, batch_size, *(SHORT if phase == "short" else full))
@@ -146,23 +157,24 @@ def train(tok: Tokenizer, config: ModelConfig, seconds: float, batch_size: int, 
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
-        smooth = float(loss) if smooth is None else 0.95 * smooth + 0.05 * float(loss)
+        smooth = loss.item() if smooth is None else 0.95 * smooth + 0.05 * loss.item()
         bar.update(1)
         if step % 100 == 0:
             model.eval()
             acc = key_accuracy(model, tok, *(SHORT if phase == "short" else full))
             model.train()
-            history.append((step, phase, round(elapsed), acc))
+            history.append((step, phase, acc))
             bar.set_postfix(phase=phase, loss=f"{smooth:.3f}", key_acc=f"{acc:.2f}")
-            if phase == "short" and (acc >= 0.5 or elapsed > 0.6 * seconds):
-                phase, switched_at = "full", elapsed
+            if phase == "short" and (acc >= 0.5 or step >= short_max_steps):
+                phase, switched = "full", step
             elif phase == "full":
                 perfect = perfect + 1 if acc == 1.0 else 0
                 if perfect >= 2:
+                    stop = "key accuracy 1.0 twice"
                     break
     bar.close()
     model.eval()
-    stats = {"steps": step, "seconds": round(time.perf_counter() - t0, 1), "switched_to_full_at_s": switched_at,
+    stats = {"steps": step, "short_steps": switched, "stopped": stop, "seconds": round(time.perf_counter() - t0),
              "final_loss_smoothed": round(smooth, 4), "key_accuracy_teacher_forced": key_accuracy(model, tok, *full),
              "monitor": history}
     return model, stats
@@ -193,7 +205,9 @@ def write_atomic(path: Path, text: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--train-seconds", type=float, default=300, help="training time budget (default 300)")
+    ap.add_argument("--short-max-steps", type=int, default=1500, help="cap on the short-prompt phase")
+    ap.add_argument("--full-steps", type=int, default=1200, help="steps at full length (default 1200)")
+    ap.add_argument("--max-seconds", type=float, default=600, help="safety stop for training (default 600)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("--trials", type=int, default=20, help="passkey prompts per method and length")
@@ -212,7 +226,8 @@ def main() -> None:
     tok = Tokenizer(hf_tok, bos_token="<s>", eos_token="</s>", add_bos=True, source="char tokenizer")
     config = model_config(hf_tok.get_vocab_size())
     if args.model_dir is None:
-        model, stats = train(tok, config, args.train_seconds, args.batch, args.lr, args.seed)
+        model, stats = train(tok, config, short_max_steps=args.short_max_steps, full_steps=args.full_steps,
+                             batch_size=args.batch, lr=args.lr, seed=args.seed, max_seconds=args.max_seconds)
         model_dir = save(args.out / "long_context_model", config, model, hf_tok)
         print(f"trained: {json.dumps(stats)}; saved {model_dir}")
     else:

@@ -18,7 +18,7 @@ from ..model.rope import (
     rope_scaling_from_gguf,
     rope_scaling_gguf_keys,
 )
-from .tensors import _rename, translate_name
+from .tensors import _rename, fuse_qkv, map_qk_rows, translate_name
 
 # ---------------------------------------------------------------- GGUF name tables (llama.cpp's names)
 
@@ -84,22 +84,9 @@ def internal_to_gguf(config: ModelConfig, state_dict: Mapping[str, torch.Tensor]
     """Internal state dict -> GGUF tensor names and layouts as llama.cpp expects them."""
     sd = dict(state_dict)
     if config.arch == "falcon":
-        for i in range(config.num_hidden_layers):
-            for kind in ("weight", "bias"):
-                names = [f"layers.{i}.attn.{p}.{kind}" for p in "qkv"]
-                if all(n in sd for n in names):
-                    sd[f"layers.{i}.attn.qkv.{kind}"] = torch.cat([sd.pop(n) for n in names], dim=0)
+        fuse_qkv(config, sd, lambda q, k, v: torch.cat([q, k, v], dim=0))
     if GGUF_PERMUTES_QK[config.arch]:
-        for name in list(sd):
-            m = re.fullmatch(r"layers\.\d+\.attn\.(q|k)(_norm)?\.(weight|bias)", name)
-            if not m:
-                continue
-            t = sd[name]
-            if m.group(2):  # qk-norm rows are per head or group: permute within head_dim
-                sd[name] = permute_for_interleaved_rope(t.reshape(-1), t.shape[0]).reshape(t.shape)
-            else:
-                heads = config.num_attention_heads if m.group(1) == "q" else config.num_key_value_heads
-                sd[name] = permute_for_interleaved_rope(t, heads)
+        map_qk_rows(config, sd, permute_for_interleaved_rope)
     return _rename(sd, gguf_module_names(config), "state dict", None)
 
 
@@ -118,16 +105,7 @@ def gguf_to_internal(config: ModelConfig, tensors: Mapping[str, torch.Tensor],
             for part, tensor in zip("qkv", (q, k, v)):
                 out[f"{prefix}.attn.{part}.{kind}"] = tensor
     if GGUF_PERMUTES_QK[config.arch]:
-        for name in list(out):
-            m = re.fullmatch(r"layers\.\d+\.attn\.(q|k)(_norm)?\.(weight|bias)", name)
-            if not m:
-                continue
-            t = out[name]
-            if m.group(2):
-                out[name] = unpermute_from_interleaved_rope(t.reshape(-1), t.shape[0]).reshape(t.shape)
-            else:
-                heads = config.num_attention_heads if m.group(1) == "q" else config.num_key_value_heads
-                out[name] = unpermute_from_interleaved_rope(t, heads)
+        map_qk_rows(config, out, unpermute_from_interleaved_rope)
     return out
 
 

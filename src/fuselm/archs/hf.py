@@ -9,7 +9,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import FuselmError
-from .tensors import _rename, translate_name
+from .tensors import _rename, fuse_qkv, translate_name
 
 SUPPORTED_ARCHS = ("llama", "chameleon", "falcon")
 # HF model_type values (and old remote-code names) that map onto our archs.
@@ -306,11 +306,7 @@ def internal_to_hf(config: ModelConfig, state_dict: Mapping[str, torch.Tensor]) 
     """Internal names -> HF state dict (for writing HF directories)."""
     sd = dict(state_dict)
     if config.arch == "falcon":
-        for i in range(config.num_hidden_layers):
-            for kind in ("weight", "bias"):
-                names = [f"layers.{i}.attn.{p}.{kind}" for p in "qkv"]
-                if all(n in sd for n in names):
-                    sd[f"layers.{i}.attn.qkv.{kind}"] = _falcon_fuse_qkv(config, *(sd.pop(n) for n in names))
+        fuse_qkv(config, sd, lambda q, k, v: _falcon_fuse_qkv(config, q, k, v))
     out = _rename(sd, hf_module_names(config), "state dict", None)
     if config.tie_word_embeddings:
         out.pop("lm_head.weight", None)

@@ -97,3 +97,29 @@ def translate_name(table: dict[str, str], name: str, *, fused_qkv: bool = False)
             i = m.groupdict().get("i")
             return (theirs.replace("{i}", i) if i else theirs) + "." + m.group(m.lastindex)
     return name
+
+
+def fuse_qkv(config: ModelConfig, state_dict: dict[str, torch.Tensor], fuse) -> None:
+    """Replace each layer's attn.q/k/v (weight and bias) by one attn.qkv tensor, `fuse(q, k, v)`, in place."""
+    for i in range(config.num_hidden_layers):
+        for kind in ("weight", "bias"):
+            names = [f"layers.{i}.attn.{p}.{kind}" for p in "qkv"]
+            if all(n in state_dict for n in names):
+                state_dict[f"layers.{i}.attn.qkv.{kind}"] = fuse(*(state_dict.pop(n) for n in names))
+
+
+def map_qk_rows(config: ModelConfig, state_dict: dict[str, torch.Tensor], permute) -> None:
+    """Apply a per-head row permutation `permute(t, n_heads)` to q/k weights, biases and qk-norm rows, in place.
+
+    qk-norm tensors are (heads or groups, head_dim): they are permuted within head_dim.
+    """
+    for name in list(state_dict):
+        m = re.fullmatch(r"layers\.\d+\.attn\.(q|k)(_norm)?\.(weight|bias)", name)
+        if not m:
+            continue
+        t = state_dict[name]
+        if m.group(2):
+            state_dict[name] = permute(t.reshape(-1), t.shape[0]).reshape(t.shape)
+        else:
+            heads = config.num_attention_heads if m.group(1) == "q" else config.num_key_value_heads
+            state_dict[name] = permute(t, heads)

@@ -117,7 +117,7 @@ def compare_methods(path: str | Path, methods: Sequence[str], lengths: Sequence[
     loaded: tuple[tuple[str, float], object] | None = None
     for method, length, s in plan:
         if loaded is None or loaded[0] != (method, s):
-            loaded = None  # free the previous model before loading the next
+            loaded = model = None  # free the previous model before loading the next
             loaded = ((method, s), load(path, dtype=dtype, rope_scaling=rope_scaling_for(method, s, original)))
         model = loaded[1]
         if bar is not None:
@@ -252,7 +252,7 @@ def plot_comparison(rows: Sequence[CompareRow], path: str | Path, *, original_co
         panels.append(("ppl", "perplexity (window = length)"))
     if not panels:
         raise FuselmError("nothing to plot: the comparison has neither passkey nor perplexity results")
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels) + 1.4, 4.4), squeeze=False)
     markers = "osD^v<>Xph*"
     for ax, (attr, label) in zip(axes[0], panels):
         for i, m in enumerate(methods):
@@ -274,7 +274,8 @@ def plot_comparison(rows: Sequence[CompareRow], path: str | Path, *, original_co
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
-    axes[0][0].legend(fontsize=8, loc="lower left")
+    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="method",
+                       title_fontsize=8)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     buf = io.BytesIO()

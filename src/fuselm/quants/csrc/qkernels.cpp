@@ -649,18 +649,16 @@ void gemv_groups(const uint8_t* W, int64_t g0, int64_t g1, int64_t K, const Act&
         for (int m = 0; m < MR; m++) acc[m] = accm[m] = _mm512_setzero_ps();
         for (int64_t b = 0; b < nb; b++, tile += R * T::BS) {
             const int64_t k0 = b * T::QK;
-#ifdef FQ_PREFETCH
-            for (int i = 0; i < R * T::BS; i += 64) _mm_prefetch((const char*)tile + FQ_PREFETCH + i, _MM_HINT_T1);
-#endif
+            // the next tile into L2: keeps more DRAM reads in flight than the hardware prefetcher alone
+            // (measured +20% on 2 cores); prefetches past the end of the buffer are harmless
+            for (int i = 0; i < R * T::BS; i += 64) _mm_prefetch((const char*)tile + R * T::BS + i, _MM_HINT_T1);
             for (int m = 0; m < MR; m++) ah[m] = al[m] = _mm512_setzero_si512();
             T::visit(
                 tile,
                 [&](int t, __m512i c) {
                     for (int m = 0; m < MR; m++) {
                         ah[m] = _mm512_dpbusd_epi32(ah[m], c, _mm512_set1_epi32((int)rd32((const uint8_t*)hr[m] + k0 + 4 * t)));
-#ifndef FQ_NO_LO
                         al[m] = _mm512_dpbusd_epi32(al[m], c, _mm512_set1_epi32((int)rd32((const uint8_t*)lr[m] + k0 + 4 * t)));
-#endif
                     }
                 },
                 [&](int j, __m512 scale, __m512 mn) {
@@ -780,6 +778,7 @@ void dense_rows(const uint16_t* W, int64_t n0, int64_t n1, int64_t K, const floa
         __m512 acc[MR][2];
         for (int m = 0; m < MR; m++) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
         for (int64_t k = 0; k < K; k += 32) {
+            _mm_prefetch((const char*)(row + k) + 4096, _MM_HINT_T1);  // 4 KiB ahead, into L2
             for (int j = 0; j < 2; j++) {
                 const int64_t kk = k + 16 * j;
                 if (kk >= K) break;
