@@ -7,7 +7,9 @@ For each type and each weight shape (5632x2048 and 2048x2048, TinyLlama's FFN an
   cycled through copies larger than the CPU's last-level cache, so the bytes really come from DRAM
   ("hot" repeats one copy, which may sit in cache);
 - prefill (M=128): best time and TFLOP/s (2*M*N*K / time);
-- error vs "dequantize, then float64 dense": max |y - y_ref| / max |y_ref|, for M=1 and M=128.
+- error vs "dequantize, then float64 dense": max |y - y_ref| / max |y_ref|, for M=1 and M=128, next to the
+  error of llama.cpp's own CPU matmul on the same weights (its vec_dot with 8-bit activations, via ctypes
+  into llama-cpp-python's libggml-cpu), on the first 256 rows.
 Reference rows: a raw DRAM read of the same bytes, torch bf16 F.linear, and torch's int4 packed GEMV
 (`_weight_int4pack_mm_for_cpu`, group 32), the candidates the kernel choice was measured against.
 Times are the best of --reps runs: other processes on a shared machine only ever make runs slower.
@@ -16,10 +18,14 @@ Times are the best of --reps runs: other processes on a shared machine only ever
 from __future__ import annotations
 
 import argparse
+import ctypes
 import statistics
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
+from gguf import GGMLQuantizationType
 
 from fuselm.quants import quantize
 from fuselm.quants.kernels import QuantLinear, set_threads
@@ -52,6 +58,43 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.double() - ref).abs().max() / ref.abs().max()).item()
 
 
+class _TraitsCPU(ctypes.Structure):  # ggml-cpu.h: struct ggml_type_traits_cpu
+    _fields_ = [("from_float", ctypes.c_void_p), ("vec_dot", ctypes.c_void_p), ("vec_dot_type", ctypes.c_int),
+                ("nrows", ctypes.c_int64)]  # fmt: skip
+
+
+def llama_cpp_matmul(data: torch.Tensor, qtype: str, x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ W.T computed by llama.cpp's CPU code: activation rows quantized to the type's vec_dot_type
+    (8 bits), then ggml's vec_dot per weight row."""
+    import llama_cpp
+
+    lib_dir = Path(llama_cpp.__file__).parent / "lib"
+    base = ctypes.CDLL(str(lib_dir / "libggml-base.so"))
+    base.ggml_row_size.restype = ctypes.c_size_t
+    base.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
+    cpu = ctypes.CDLL(str(lib_dir / "libggml-cpu.so"))
+    cpu.ggml_cpu_init()
+    cpu.ggml_get_type_traits_cpu.restype = ctypes.POINTER(_TraitsCPU)
+    cpu.ggml_get_type_traits_cpu.argtypes = [ctypes.c_int]
+    traits = cpu.ggml_get_type_traits_cpu(int(GGMLQuantizationType[qtype])).contents
+    act = cpu.ggml_get_type_traits_cpu(traits.vec_dot_type).contents
+    from_float = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)(act.from_float)
+    vp, st = ctypes.c_void_p, ctypes.c_size_t
+    vec_dot = ctypes.CFUNCTYPE(None, ctypes.c_int, vp, st, vp, st, vp, st, ctypes.c_int)(traits.vec_dot)
+    k = x.shape[1]
+    qx = np.zeros(base.ggml_row_size(traits.vec_dot_type, k), dtype=np.uint8)
+    w = data.numpy()
+    out = torch.zeros(x.shape[0], data.shape[0], dtype=torch.float64)
+    s = ctypes.c_float()
+    for m in range(x.shape[0]):
+        row = np.ascontiguousarray(x[m].numpy(), dtype=np.float32)
+        from_float(row.ctypes.data, qx.ctypes.data, k)
+        for n in range(w.shape[0]):
+            vec_dot(k, ctypes.byref(s), 0, w[n].ctypes.data, 0, qx.ctypes.data, 0, 1)
+            out[m, n] = s.value
+    return out
+
+
 def bench_type(qtype: str, n: int, k: int, reps: int) -> str:
     data, _ = make_weight(qtype, n, k)
     nbytes = data.numel()
@@ -71,11 +114,17 @@ def bench_type(qtype: str, n: int, k: int, reps: int) -> str:
     w = layers[0].weight.dequantize().double()
     e1 = rel_err(layers[0](x1), x1.double() @ w.T)
     e128 = rel_err(layers[0](xp), xp.double() @ w.T)
+    if qtype in ("F16", "BF16"):
+        llama = "llama.cpp n/a"
+    else:
+        rows = data[:256]
+        ref = x1.double() @ w[:256].T
+        llama = f"llama.cpp {rel_err(llama_cpp_matmul(rows, qtype, x1), ref):.1e}"
     return (
         f"{qtype:7s} {n:5d}x{k:<5d} {layers_backend(qtype):6s} GEMV {best * 1e3:7.3f} ms (median {med * 1e3:7.3f}) "
         f"{nbytes / best / 1e9:5.1f} GB/s  hot {nbytes / hot_best / 1e9:5.1f} GB/s | "
         f"prefill M=128 {p_best * 1e3:7.2f} ms {2 * 128 * n * k / p_best / 1e12:5.2f} TFLOP/s | "
-        f"err M=1 {e1:.1e} M=128 {e128:.1e}"
+        f"err M=1 {e1:.1e} M=128 {e128:.1e} ({llama})"
     )
 
 
@@ -89,9 +138,9 @@ def reference_rows(n: int, k: int, reps: int) -> list[str]:
     rows = []
     nbytes = n * k // 2 + n * k // 32 * 2  # a Q4_0-sized buffer
     copies = max(2, COLD_BYTES // nbytes)
-    buf = torch.randint(0, 255, (copies, nbytes), dtype=torch.uint8)
+    buf = torch.ones(copies, nbytes // 4)  # float32: torch's sum streams it at full speed
     it = iter(range(1 << 30))
-    best, _ = timed(lambda: buf[next(it) % copies].sum(dtype=torch.int32), reps * 2)
+    best, _ = timed(lambda: buf[next(it) % copies].sum(), reps * 2)
     rows.append(f"{'read':7s} {n:5d}x{k:<5d} torch  sum of {nbytes / 1e6:.1f} MB: {nbytes / best / 1e9:5.1f} GB/s")
     wb = torch.randn(n, k).bfloat16()
     copies_b = max(2, COLD_BYTES // (2 * n * k))

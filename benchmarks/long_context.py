@@ -69,6 +69,8 @@ def model_config(vocab_size: int) -> ModelConfig:
 
 
 SHORT = (88, 136)  # curriculum: retrieval is learnt first on short prompts, where it is found in ~500 steps
+FULL = (136, TRAIN_CONTEXT)  # then at long distances, where the copy must work across the whole context
+ANSWER_WEIGHT = 4.0
 
 
 def example(tok: Tokenizer, rng: np.random.Generator, lo: int, hi: int) -> tuple[list[int], list[int]]:
@@ -87,7 +89,7 @@ def example(tok: Tokenizer, rng: np.random.Generator, lo: int, hi: int) -> tuple
     for i in range(first, first + len(digits)):
         weights[i] = 0.0
     for i in range(len(prompt.ids) + 1, len(prompt.ids) + 1 + len(digits)):
-        weights[i] = 4.0
+        weights[i] = ANSWER_WEIGHT
     return ids, weights
 
 
@@ -111,7 +113,7 @@ def key_accuracy(model: Transformer, tok: Tokenizer, lo: int, hi: int, n: int = 
     """Share of fresh prompts whose five answer digits are all the argmax (teacher forced): a training monitor."""
     x, y, w = batch(tok, np.random.default_rng(seed), n, lo, hi)
     with torch.no_grad():
-        right = (model(x).argmax(-1) == y) | (w != 4.0)
+        right = (model(x).argmax(-1) == y) | (w != ANSWER_WEIGHT)
     return float(right.all(-1).float().mean())
 
 
@@ -132,7 +134,7 @@ def train(tok: Tokenizer, config: ModelConfig, *, short_max_steps: int, full_ste
             torch.nn.init.normal_(p, std=0.02)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     t0 = time.perf_counter()
-    full = (SHORT[0], TRAIN_CONTEXT)
+    full = FULL
     phase, switched, perfect, step, smooth, history, stop = "short", None, 0, 0, None, [], "full_steps done"
     bar = tqdm(desc="train", unit="step", dynamic_ncols=True)
     while True:

@@ -63,9 +63,9 @@ class Recipe:
     vq_res_blocks: int = 1
     vq_codes: int = 256
     vq_embed_dim: int = 32
-    vq_warmup_steps: int = 60  # autoencoder without quantization, before the k-means codebook init
-    vq_steps: int = 340  # total, warm-up included
-    vq_batch: int = 32
+    vq_warmup_steps: int = 300  # autoencoder without quantization, before the k-means codebook init
+    vq_steps: int = 800  # total, warm-up included
+    vq_batch: int = 16
     vq_lr: float = 2e-3
     vq_beta: float = 0.25  # commitment weight
     vq_restart_until: float = 0.5  # dead codes are restarted during this fraction of the VQ steps

@@ -1,0 +1,127 @@
+"""The bundled demo model: the shipped files, `fuselm demo` end to end, a quality floor, and training itself.
+
+References: gguf-py's GGUFReader reads the shipped files; llama.cpp (llama-cpp-python) runs the shipped GGUF and
+must give fuselm's logits; Chameleon's published vocabulary layout (image tokens IMGIMG<A-J digits>Z from id 4);
+the world's own caption parser and its non-learned picture checker judge what the model writes and draws.
+(The world's determinism is tested in test_world.py.)
+"""
+
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGUFReader
+from PIL import Image
+
+from fuselm import load
+from fuselm.cli import main as cli_main
+from fuselm.demo.train import MODEL_FILE, Recipe, train_demo
+from fuselm.demo.world import caption, sample_scenes
+from fuselm.evals import demo_quality
+from fuselm.loader import DEMO_DIR
+
+SHIPPED = DEMO_DIR / MODEL_FILE
+COMPANION = DEMO_DIR / "demo-vqgan.gguf"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load("demo")
+
+
+def test_shipped_files_are_small_and_read_by_gguf_py():
+    files = [SHIPPED, COMPANION, DEMO_DIR / "tokenizer.json", DEMO_DIR / "TRAINING.md"]
+    assert all(f.is_file() for f in files), [f.name for f in files if not f.is_file()]
+    assert sum(f.stat().st_size for f in DEMO_DIR.iterdir() if f.is_file()) <= 20 * 2**20
+    main, vq = GGUFReader(SHIPPED), GGUFReader(COMPANION)
+
+    def arch(reader):
+        field = reader.fields["general.architecture"]
+        return bytes(field.parts[field.data[0]]).decode()
+
+    assert arch(main) == "chameleon" and arch(vq) == "chameleon_vqgan"
+    assert any(t.name.endswith("attn_q_norm.weight") for t in main.tensors)  # qk-norm, as Chameleon
+    assert any(t.name.startswith("decoder.") for t in vq.tensors)  # the VQGAN can draw, not only read
+
+
+def test_shipped_model_loads_with_chameleon_layout(model):
+    c = model.config
+    assert c.arch == "chameleon" and c.qk_norm and model.image_tokenizer.can_decode
+    vocab = model.tokenizer.vocab()
+    # Chameleon's layout: image token for codebook index i is IMGIMG + digits as letters A-J + Z, ids from 4.
+    codes = model.image_tokenizer.vqgan.config.num_embeddings
+    for i in (0, 7, 13, codes - 1):
+        name = "IMGIMG" + "".join("ABCDEFGHIJ"[int(d)] for d in str(i)) + "Z"
+        assert vocab[name] == 4 + i
+    assert {"<racm3:break>", "<eoss>", "<reserved08706>", "<s>", "</s>"} <= set(vocab)
+    assert model.image_tokenizer.encode([Image.new("RGB", (32, 32), "white")]).shape == (1, 64)
+
+
+def test_llama_cpp_runs_the_shipped_gguf(model):
+    import llama_cpp  # the reference: a missing build must fail, not skip
+
+    scene = sample_scenes(1, seed=0, split="heldout")[0]
+    ids = model.tokenizer.encode(caption(scene) + "<reserved08706><racm3:break>")
+    with torch.no_grad():
+        codes = model.image_tokenizer.encode([Image.new("RGB", (32, 32), "white")])[0]
+    vocab = model.tokenizer.vocab()
+    ids += [vocab["IMGIMG" + "".join("ABCDEFGHIJ"[int(d)] for d in str(int(c))) + "Z"] for c in codes[:24]]
+    llm = llama_cpp.Llama(model_path=str(SHIPPED), n_ctx=128, n_batch=128, logits_all=True, verbose=False,
+                          n_threads=2)
+    try:
+        assert llm.tokenize(caption(scene).encode(), add_bos=True, special=True) == \
+            model.tokenizer.encode(caption(scene))
+        llm.eval(ids)
+        ref = np.array(llm.scores[: len(ids)], dtype=np.float32)
+    finally:
+        llm.close()
+    ours = model(torch.tensor([ids]))[0].numpy()
+    # llama.cpp masks Chameleon's image ids 4..8195 with one ggml_set_1d over the flat [tokens, vocab] logits; on a
+    # vocabulary smaller than 8196 that covers the first 8196 floats, i.e. the first rows. Compare the rows after.
+    first = -(-8196 // model.config.vocab_size)
+    assert len(ids) > first + 8
+    err = np.abs(ours[first:] - ref[first:]).max()
+    assert err <= 1e-2 * max(1.0, float(np.abs(ours[first:]).max())), err
+
+
+def test_fuselm_demo_writes_a_page_with_pictures(tmp_path, capsys):
+    assert cli_main(["demo", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr()
+    page = tmp_path / "demo.html"
+    assert page.is_file() and str(page.resolve()) in printed.err
+    sources = re.findall(r'<img src="([^"]+)"', page.read_text(encoding="utf-8"))
+    assert len(sources) >= 4  # the drawn picture, the picture to caption, and the story's pictures
+    for src in sources:
+        with Image.open(tmp_path / src) as im:
+            assert im.format == "PNG" and im.size == (128, 128)
+    assert "Caption a picture" in printed.out and "check:" in printed.out
+
+
+def test_quality_floor_on_a_small_sample(model):
+    row = demo_quality.evaluate_model(model, "shipped", n=20, seed=5, progress=False)
+    assert row.caption_accuracy >= 0.7, row
+    assert row.drawn_correctness >= 0.6, row
+
+
+def test_eval_table_has_every_row(capsys):
+    assert demo_quality.main(["--n", "2", "--only", "Q4_0"]) == 0
+    table = capsys.readouterr().out
+    for name in ("shipped", "Q4_0", "world's pictures", "VQGAN reconstructions"):
+        assert name in table, table
+    assert "not produced" not in table
+
+
+def test_training_is_reproducible_from_the_seed(tmp_path):
+    tiny = replace(Recipe(seed=3), vq_warmup_steps=2, vq_steps=4, vq_batch=4, vq_codes=32, vq_embed_dim=8,
+                   hidden_size=32, intermediate_size=64, layers=1, heads=2, lm_steps=3, lm_short_batch=4,
+                   lm_long_batch=1, lm_warmup=1)
+    a, b = (train_demo(tmp_path / name, recipe=tiny) for name in ("a", "b"))
+    assert a.read_bytes() == b.read_bytes()
+    assert Path(str(a).replace(MODEL_FILE, "demo-vqgan.gguf")).read_bytes() == \
+        Path(str(b).replace(MODEL_FILE, "demo-vqgan.gguf")).read_bytes()
+    m = load(a.parent)
+    assert m.config.hidden_size == 32 and m.image_tokenizer.vqgan.config.num_embeddings == 32
+    assert "## Time" in (a.parent / "TRAINING.md").read_text()
