@@ -16,6 +16,8 @@ $(BIN)/python:
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e .
+	# Native quantized-matmul kernels: compiled once for this CPU (also built lazily on first use).
+	$(BIN)/python -m fuselm.quants.kernel_build || echo "native kernels unavailable: the torch fallback will be used"
 	touch $@
 
 # The reference llama.cpp build is cached in .venv: built once (about 4 minutes).
