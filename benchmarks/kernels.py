@@ -6,7 +6,7 @@ For each type and each weight shape (5632x2048 and 2048x2048, TinyLlama's FFN an
 - GEMV (M=1): best and median time, and effective GB/s = weight file bytes / best time. The weights are
   cycled through copies larger than the CPU's last-level cache, so the bytes really come from DRAM
   ("hot" repeats one copy, which may sit in cache);
-- prefill (M=128): best time and TFLOP/s (2*M*N*K / time);
+- prefill (M=128): best time and TFLOP/s (2*M*N*K / time), weights decoded to fp16 tiles + oneDNN GEMM;
 - error vs "dequantize, then float64 dense": max |y - y_ref| / max |y_ref|, for M=1 and M=128, next to the
   error of llama.cpp's own CPU matmul on the same weights (its vec_dot with 8-bit activations, via ctypes
   into llama-cpp-python's libggml-cpu), on the first 256 rows.

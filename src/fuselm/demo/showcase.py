@@ -22,7 +22,8 @@ from ..evals.picture_checker import read_scene, scene_matches
 from ..generation.sampling import GREEDY, SamplingParams
 from ..generation.stream import Done, ImageDone, TextDelta
 from ..vision.vocab import END_TURN
-from .world import Scene, caption, parse_caption, render, sample_scenes
+from .train import STORY_REQUEST
+from .world import caption, parse_caption, render, sample_scenes
 
 SHOW_SIZE = 128  # pixels on the page (the world's pictures are 32x32, upscaled with NEAREST)
 # Deterministic reading and drawing: the demo shows the model's most likely answer. The interleaved answer samples
@@ -62,11 +63,11 @@ def model_generate(model, prompt, **options):
     return generate(model, prompt, **options)
 
 
-def _story(model, first: Scene, seed: int) -> tuple[list, float]:
-    """An interleaved answer: the model continues a caption with pictures and text of its own choosing."""
+def _story(model, seed: int) -> tuple[list, float]:
+    """An interleaved answer to "draw two pictures": the model chooses the captions and draws them."""
     t0 = time.perf_counter()
     parts: list = []
-    for e in model_generate(model, caption(first), images="on", cfg="off", text_sampling=STORY_TEXT,
+    for e in model_generate(model, STORY_REQUEST + END_TURN, images="on", cfg="off", text_sampling=STORY_TEXT,
                             image_sampling=GREEDY, max_tokens=200, seed=seed):
         if isinstance(e, TextDelta):
             if parts and isinstance(parts[-1], str):
@@ -80,9 +81,9 @@ def _story(model, first: Scene, seed: int) -> tuple[list, float]:
     return parts, time.perf_counter() - t0
 
 
-def _story_verdict(first: Scene, parts: list) -> str:
-    """Each picture judged against the caption written just before it (the prompt's, for the first)."""
-    said, checks = caption(first), []
+def _story_verdict(parts: list) -> str:
+    """Each picture judged against the caption the model wrote just before it."""
+    said, checks = "", []
     for part in parts:
         if isinstance(part, str):
             said = part.strip() or said
@@ -103,7 +104,7 @@ def run_showcase(out: Path, seed: int = 0) -> int:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model = load("demo")
-    asked, shown, first = sample_scenes(3, seed, split="heldout")
+    asked, shown = sample_scenes(2, seed, split="heldout")
 
     t0 = time.perf_counter()
     picture = draw(model, caption(asked), seed=seed)
@@ -122,9 +123,9 @@ def run_showcase(out: Path, seed: int = 0) -> int:
     sections.append(Section("2. Caption a picture the world draws fresh", [fresh], [text], verdict,
                             time.perf_counter() - t0))
 
-    parts, seconds = _story(model, first, seed)
-    sections.append(Section("3. An interleaved answer: text and pictures", [caption(first)], parts,
-                            _story_verdict(first, parts), seconds))
+    parts, seconds = _story(model, seed)
+    sections.append(Section("3. An interleaved answer: text and pictures", [STORY_REQUEST], parts,
+                            _story_verdict(parts), seconds))
 
     for s in sections:
         print(f"\n{s.title}  ({s.seconds:.2f} s)")

@@ -7,9 +7,12 @@ Two models, both the project's own classes:
 2. a small Chameleon decoder (fuselm.model.Transformer, arch "chameleon", qk-norm) over a byte-level BPE vocab
    laid out as Chameleon's (specials 0-3, image tokens IMGIMG..Z from id 4, then <eoss>, <racm3:break>,
    <reserved08706>), trained on three mixed tasks:
-      caption -> image   <s> caption <reserved08706> <racm3:break> 64 image tokens <eoss> </s>
+      caption -> image   <s> caption [<reserved08706>] <racm3:break> 64 image tokens <eoss> </s>
       image -> caption   <s> <racm3:break> 64 image tokens <eoss> <reserved08706> caption </s>
-      interleaved        <s> caption <racm3:break> image <eoss> caption <racm3:break> image <eoss> </s>
+      interleaved        <s> draw two pictures <reserved08706> caption <racm3:break> image <eoss>
+                             caption <racm3:break> image <eoss> </s>
+   The end of turn after a caption is there in some caption -> image rows only: a prompt that ends its turn asks
+   for a picture, and a bare caption is continued with its picture, as a document would be.
 
 Only the world's train split is seen (held-out scenes are new combinations of seen objects). Training is
 reproducible from the seed on a given machine type and thread count: every random choice comes from seeded
@@ -49,6 +52,7 @@ SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")  # ids 0-3, as in Chameleon
 IMAGE_SPECIALS = (END_IMAGE, BEGIN_IMAGE, END_TURN)  # right after the image tokens, as in Chameleon's order
 BOS, PAD, EOS = 0, 1, 2
 IGNORE = -100
+STORY_REQUEST = "draw two pictures"  # the user turn that opens an interleaved document
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,8 @@ class Recipe:
     vq_lr: float = 2e-3
     vq_beta: float = 0.25  # commitment weight
     vq_restart_until: float = 0.5  # dead codes are restarted during this fraction of the VQ steps
+    vq_pairs: int = 6  # of each batch, this many pairs of train scenes that share one object in one slot
+    vq_locality: float = 1.0  # weight of the loss that makes such a pair's latents agree on that half
     # Decoder: every weight row a multiple of 256, so the K-quants apply without fallback.
     hidden_size: int = 256
     intermediate_size: int = 512
@@ -76,13 +82,14 @@ class Recipe:
     heads: int = 4
     context: int = 512
     text_merges: int = 200  # upper bound; BPE stops when the captions have nothing left to merge
-    lm_steps: int = 520
+    lm_steps: int = 400
     lm_short_batch: int = 48  # caption->image and image->caption rows per step
     lm_long_batch: int = 8  # interleaved rows per step
     lm_lr: float = 2e-3
     lm_warmup: int = 30
     lm_weight_decay: float = 0.05
     swap_order: float = 0.5  # share of two-object prompts written with the objects in the other order
+    end_turn: float = 0.3  # share of caption -> image rows with <reserved08706> after the caption
 
 
 @dataclass
@@ -139,15 +146,15 @@ class Sequences:
     def image(self, scene: Scene) -> list[int]:
         return [self.boi, *self.image_ids[scene], self.eoi]
 
-    def caption_to_image(self, scene: Scene, prompt: str) -> list[int]:
-        return [BOS, *self.text(prompt), self.eot, *self.image(scene), EOS]
+    def caption_to_image(self, scene: Scene, prompt: str, end_turn: bool = True) -> list[int]:
+        return [BOS, *self.text(prompt), *([self.eot] if end_turn else []), *self.image(scene), EOS]
 
     def image_to_caption(self, scene: Scene) -> list[int]:
         return [BOS, *self.image(scene), self.eot, *self.text(caption(scene)), EOS]
 
     def interleaved(self, first: Scene, second: Scene) -> list[int]:
-        return [BOS, *self.text(caption(first)), *self.image(first), *self.text(caption(second)),
-                *self.image(second), EOS]
+        return [BOS, *self.text(STORY_REQUEST), self.eot, *self.text(caption(first)), *self.image(first),
+                *self.text(caption(second)), *self.image(second), EOS]
 
 
 def swapped_caption(scene: Scene) -> str:
@@ -213,6 +220,34 @@ def _zero_init_residuals(vq: VQGAN) -> None:
             torch.nn.init.zeros_(module.bias)
 
 
+def slot_pairs(scenes: list[Scene]) -> list[tuple[int, int, int]]:
+    """(i, j, slot) for two-object scenes i != j with the same layout and the same object in `slot`."""
+    by_slot: dict[tuple, list[int]] = {}
+    for i, s in enumerate(scenes):
+        if len(s.objects) == 2:
+            for k, obj in enumerate(s.objects):
+                by_slot.setdefault((s.layout, k, obj), []).append(i)
+    return [(i, j, k) for (_, k, _), group in by_slot.items() for i in group for j in group if i != j]
+
+
+def half_masks(grid: int) -> dict[tuple[str, int], torch.Tensor]:
+    """Latent-grid mask [grid, grid] of the half that holds slot k of a two-object layout."""
+    rows = torch.arange(grid)[:, None].expand(grid, grid)
+    cols = torch.arange(grid)[None, :].expand(grid, grid)
+    half = grid // 2
+    return {("left-right", 0): cols < half, ("left-right", 1): cols >= half,
+            ("top-bottom", 0): rows < half, ("top-bottom", 1): rows >= half}
+
+
+def locality_loss(za: torch.Tensor, zb: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Scale-free disagreement of two latents [B, D, h, w] over masked cells [B, h, w]: 0 when equal there.
+
+    Two train pictures with the same object in the same slot should encode that half alike, whatever the other
+    slot holds; then a new combination of seen objects is made of seen codes, which the decoder can compose."""
+    m = masks[:, None].float()
+    return ((za - zb) ** 2 * m).sum() / ((za**2 + zb**2) * m).sum().clamp(min=1e-6)
+
+
 def train_vqgan(r: Recipe, scenes: list[Scene], log: TrainingLog) -> VQGAN:
     torch.manual_seed(r.seed)
     generator = torch.Generator().manual_seed(r.seed)
@@ -224,14 +259,29 @@ def train_vqgan(r: Recipe, scenes: list[Scene], log: TrainingLog) -> VQGAN:
     code_opt = torch.optim.Adam(vq.quantize.parameters(), lr=r.vq_lr)
     codebook = vq.quantize.embedding.weight
     usage = torch.zeros(r.vq_codes)
+    pairs = slot_pairs(scenes)
+    grid = IMAGE_SIZE // vqgan_config(r).downsample_factor
+    masks = half_masks(grid)
+    n_pairs = min(r.vq_pairs, r.vq_batch // 2) if pairs else 0
+    singles = [i for i, s in enumerate(scenes) if len(s.objects) == 1] if n_pairs else list(range(len(scenes)))
     t0 = time.perf_counter()
     bar = tqdm(range(r.vq_steps), desc="VQGAN", unit="step", dynamic_ncols=True)
     for step in bar:
         lr = r.vq_lr * 0.5 * (1 + math.cos(math.pi * step / r.vq_steps))
         for group in (*opt.param_groups, *code_opt.param_groups):
             group["lr"] = lr
-        x = images[torch.randint(len(images), (r.vq_batch,), generator=generator)]
+        picked = [pairs[int(k)] for k in torch.randint(len(pairs), (n_pairs,), generator=generator)] if n_pairs \
+            else []
+        # The pairs cover the two-object scenes; the rest of the batch shows the rarer one-object scenes.
+        rest = [singles[int(k)] for k in torch.randint(len(singles), (r.vq_batch - 2 * n_pairs,),
+                                                        generator=generator)]
+        order = [i for i, _, _ in picked] + [j for _, j, _ in picked] + rest
+        x = images[order]
         z = _latents(vq, x)
+        local = torch.zeros(())
+        if n_pairs:
+            pair_masks = torch.stack([masks[(scenes[i].layout, k)] for i, _, k in picked])
+            local = locality_loss(z[:n_pairs], z[n_pairs:2 * n_pairs], pair_masks)
         vq_loss = torch.zeros(())
         if step >= r.vq_warmup_steps:
             if step == r.vq_warmup_steps:  # start every code on the data: k-means over all training latents
@@ -255,19 +305,20 @@ def train_vqgan(r: Recipe, scenes: list[Scene], log: TrainingLog) -> VQGAN:
                 usage.zero_()
         y = _reconstruct(vq, z)
         recon = F.l1_loss(y, x) + F.mse_loss(y, x)
-        loss = recon + vq_loss
+        loss = recon + vq_loss + r.vq_locality * local
         opt.zero_grad(set_to_none=True)
         code_opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if step >= r.vq_warmup_steps:
             code_opt.step()
-        bar.set_postfix(recon=f"{float(recon):.4f}", vq=f"{float(vq_loss):.4f}")
+        bar.set_postfix(recon=f"{float(recon):.4f}", vq=f"{float(vq_loss):.4f}", local=f"{float(local):.3f}")
     bar.close()
     vq.eval()
     log.seconds["vqgan"] = time.perf_counter() - t0
     log.metrics["vqgan_final_recon_loss"] = float(recon)
     log.metrics["vqgan_final_vq_loss"] = float(vq_loss)
+    log.metrics["vqgan_final_locality_loss"] = float(local)
     return vq
 
 
@@ -317,7 +368,7 @@ def training_rows(seqs: Sequences, scenes: list[Scene], rng: np.random.Generator
         if i % 2 == 0:
             two = len(scene.objects) == 2
             prompt = swapped_caption(scene) if two and rng.random() < r.swap_order else caption(scene)
-            row = seqs.caption_to_image(scene, prompt)
+            row = seqs.caption_to_image(scene, prompt, end_turn=rng.random() < r.end_turn)
         else:
             row = seqs.image_to_caption(scene)
         short.append(row)
@@ -496,7 +547,7 @@ def train_demo(out_dir: Path, seed: int = 0, minutes: float = 20.0, recipe: Reci
     """Train both models and write the shipped files into out_dir. Returns the model path (or HF dir)."""
     r = recipe or Recipe(seed=seed)
     torch.set_num_threads(r.threads)
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     deadline = t_start + minutes * 60
     log = TrainingLog(recipe=r)
     out_dir = Path(out_dir)
@@ -511,7 +562,7 @@ def train_demo(out_dir: Path, seed: int = 0, minutes: float = 20.0, recipe: Reci
     print(f"VQGAN: reconstructions read right {acc_train:.1%} (train), {acc_heldout:.1%} (held-out); "
           f"{log.metrics['vqgan_codes_used_by_train_scenes']} of {r.vq_codes} codes used")
 
-    tok = build_tokenizer([caption(s) for s in all_scenes("all")], r.vq_codes, r.text_merges)
+    tok = build_tokenizer([caption(s) for s in all_scenes("all")] + [STORY_REQUEST], r.vq_codes, r.text_merges)
     scene_codes = {s: c.tolist() for s, c in zip(train, codes)}
     seqs = Sequences(tok, scene_codes)
     config = decoder_config(r, tok, vq.config)
@@ -529,6 +580,9 @@ def train_demo(out_dir: Path, seed: int = 0, minutes: float = 20.0, recipe: Reci
     else:
         result = save_hf(out_dir / "hf", config, model, vq, tok)
     log.seconds["total"] = time.perf_counter() - t_start
+    # On a shared machine wall time overstates the cost; CPU time over the thread count is what an idle machine
+    # with that many cores would take (roughly: waiting threads also spin).
+    log.seconds[f"CPU time / {r.threads} threads"] = (time.process_time() - cpu_start) / r.threads
     files = {p.relative_to(out_dir).as_posix(): p.stat().st_size for p in sorted(out_dir.rglob("*"))
              if p.is_file() and p.name != "TRAINING.md"}
     (out_dir / "TRAINING.md").write_text(training_note(log, files), encoding="utf-8")

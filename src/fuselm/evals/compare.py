@@ -246,6 +246,8 @@ def plot_comparison(rows: Sequence[CompareRow], path: str | Path, *, original_co
                     title: str = "RoPE scaling methods") -> Path:
     """A PNG with passkey accuracy (and perplexity, when measured) against length, one line per method."""
     plt = require_matplotlib()
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
     methods, lengths, cell = _grid(rows)
     panels = [("accuracy", "passkey accuracy")] if any(r.accuracy is not None for r in rows) else []
     if any(r.ppl is not None for r in rows):
@@ -271,6 +273,10 @@ def plot_comparison(rows: Sequence[CompareRow], path: str | Path, *, original_co
             ax.set_ylim(-0.03, 1.03)
         else:
             ax.set_yscale("log")
+            plain = FuncFormatter(lambda v, _: f"{v:g}")  # 3, 10, 30 rather than 3x10^0
+            ax.yaxis.set_minor_locator(LogLocator(subs=(2.0, 3.0, 5.0)))
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(plain)
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)

@@ -31,7 +31,7 @@ import torch  # noqa: F401  (loads torch's libgomp first, so the kernels share i
 
 SOURCE = Path(__file__).parent / "csrc" / "qkernels.cpp"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
-ABI_VERSION = 2  # fq_version() of the source this module was written against
+ABI_VERSION = 3  # fq_version() of the source this module was written against
 
 _reason: str | None = None
 
@@ -97,8 +97,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.fq_repack.argtypes = [cint, ptr, i64, i64, ptr]
     lib.fq_linear.restype = cint
     lib.fq_linear.argtypes = [cint, ptr, i64, i64, ptr, cint, i64, i64, ptr, cint, i64, ptr]
-    lib.fq_dequant_bf16.restype = cint
-    lib.fq_dequant_bf16.argtypes = [cint, ptr, i64, i64, i64, ptr, i64]
+    lib.fq_dequant.restype = cint
+    lib.fq_dequant.argtypes = [cint, ptr, i64, i64, i64, ptr, i64, cint]
 
 
 @functools.cache

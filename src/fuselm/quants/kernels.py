@@ -8,10 +8,11 @@ Paths:
   - decode, M <= DECODE_MAX_ROWS activation rows: integer-code GEMV with 16-bit activations.
     Error vs float64 `x @ dequantize(W).T`: ~2e-5 of max |y| (bound 1e-4): activations rounded to 2^-16 of
     each 32-block's max |x|, float32 accumulation. llama.cpp rounds activations to 8 bits (~100x coarser).
-  - prefill, more rows: weights decoded to bf16 in row tiles, then a bf16 GEMM (oneDNN, AMX), output in bf16.
-    Error: bf16 rounding of weights, activations and outputs, ~4e-3 of max |y| (bound 2e-2).
-  F16/BF16 weights are used in place (no repack): an exact float32 GEMV for decode, the same bf16 GEMM for
-  prefill. F32: torch F.linear on the bytes viewed as float32.
+  - prefill, more rows: weights decoded to fp16 in row tiles, then an fp16 GEMM (oneDNN), output in fp16.
+    Error: fp16 rounding of weights, activations and outputs, ~4e-4 of max |y| (bound 4e-3). Where fp16 would
+    overflow (|x| >= 6e4 or an infinite output) the same runs in bf16 (~4e-3, bound 2e-2).
+  F16/BF16 weights are used in place (no repack): an exact float32 GEMV for decode, the fp16 (F16) or bf16
+  (BF16) GEMM on the rows as they are for prefill. F32: torch F.linear on the bytes viewed as float32.
 - CPU "torch": machines without the kernels, or types they lack (IQ4_XS): row tiles dequantized to float32
   on every call, then F.linear. Exact, slow; memory stays at the file size plus one tile.
 - "dense", and any non-CPU input (CUDA): the weight is dequantized once onto the input's device (bf16 on
@@ -39,7 +40,7 @@ _PACKED_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K",
 # ggml types the native kernels run (name -> ggml type id); F16/BF16 rows are read as they are
 NATIVE_TYPES = {name: int(ggml_type(name).type_id) for name in ("F16", "BF16", *_PACKED_TYPES)}
 DENSE_TYPES = ("F32", "F16", "BF16")
-DECODE_MAX_ROWS = 8  # up to this many activation rows use the GEMV; more use dequantize-to-bf16 + GEMM
+DECODE_MAX_ROWS = 32  # up to this many activation rows use the GEMV (measured crossover ~40); more: bf16 GEMM
 TILE_BYTES = 32 << 20  # bf16 weight tile for the prefill GEMM (one reused scratch buffer)
 BACKENDS = ("native", "torch", "dense")
 
@@ -56,14 +57,14 @@ def set_threads(n: int) -> None:
 
 
 class _Scratch:
-    """One growing bf16 buffer for prefill weight tiles, shared by all layers (forward passes are sequential)."""
+    """One growing 16-bit buffer for prefill weight tiles, shared by all layers (forward passes are sequential)."""
 
-    buf: torch.Tensor = torch.empty(0, dtype=torch.bfloat16)
+    buf: torch.Tensor = torch.empty(0, dtype=torch.int16)
 
     @classmethod
     def get(cls, numel: int) -> torch.Tensor:
         if cls.buf.numel() < numel:
-            cls.buf = torch.empty(numel, dtype=torch.bfloat16)
+            cls.buf = torch.empty(numel, dtype=torch.int16)
         return cls.buf[:numel]
 
 
@@ -82,38 +83,51 @@ def _native_gemv(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, t
     return y
 
 
-def _bf16_tiles(w: torch.Tensor, type_id: int, n: int, k: int):
-    """(row0, row1, bf16 [row1 - row0, k]) covering all n rows; decoded tiles live in the shared scratch."""
+def _weight_tiles(w: torch.Tensor, type_id: int, n: int, k: int, dtype: torch.dtype):
+    """(row0, row1, weights [row1 - row0, k] in dtype (fp16 or bf16)) covering all n rows. F16/BF16 rows of
+    the same dtype are used in place; anything else is decoded into the shared scratch."""
+    dense = {NATIVE_TYPES["F16"]: torch.float16, NATIVE_TYPES["BF16"]: torch.bfloat16}.get(type_id)
     step = max(16, min(n, TILE_BYTES // (2 * k)) // 16 * 16)  # whole 16-row tiles
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
-        if type_id == NATIVE_TYPES["BF16"]:
-            yield r0, r1, w[r0:r1].view(torch.bfloat16)
+        if dense is not None:
+            rows = w[r0:r1].view(dense)
+            if dense != dtype:
+                rows = _Scratch.get((r1 - r0) * k).view(r1 - r0, k).view(dtype).copy_(rows)
+            yield r0, r1, rows
             continue
-        if type_id == NATIVE_TYPES["F16"]:
-            tile = _Scratch.get((r1 - r0) * k).view(r1 - r0, k)
-            tile.copy_(w[r0:r1].view(torch.float16))
-        else:
-            # rows K + 32 apart: at a power-of-two stride the 16 rows a tile writes at once share one L1 set
-            ld = k + 32
-            tile = _Scratch.get((r1 - r0) * ld).view(r1 - r0, ld)[:, :k]
-            rc = native_library().fq_dequant_bf16(type_id, w.data_ptr(), r0, r1, k, tile.data_ptr(), ld)
-            if rc != 0:
-                raise FuselmError(f"QuantLinear: native dequantize failed for ggml type {type_id} (code {rc})")
+        # rows K + 32 apart: at a power-of-two stride the 16 rows a tile writes at once share one L1 set
+        ld = k + 32
+        tile = _Scratch.get((r1 - r0) * ld).view(dtype).view(r1 - r0, ld)[:, :k]
+        rc = native_library().fq_dequant(type_id, w.data_ptr(), r0, r1, k, tile.data_ptr(), ld, dtype == torch.float16)
+        if rc != 0:
+            raise FuselmError(f"QuantLinear: native dequantize failed for ggml type {type_id} (code {rc})")
         yield r0, r1, tile
 
 
-def _native_prefill(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, type_id: int, n: int):
-    xb = x2.to(torch.bfloat16)
+def _gemm(x2: torch.Tensor, w: torch.Tensor, type_id: int, n: int, dtype: torch.dtype) -> torch.Tensor:
+    xd = x2.to(dtype)
     y = None
-    for r0, r1, tile in _bf16_tiles(w, type_id, n, x2.shape[1]):
-        part = torch.mm(xb, tile.t())
+    for r0, r1, tile in _weight_tiles(w, type_id, n, x2.shape[1], dtype):
+        part = torch.mm(xd, tile.t())
         if r1 - r0 == n:
-            y = part
-            break
+            return part
         if y is None:
-            y = torch.empty(x2.shape[0], n, dtype=torch.bfloat16)
+            y = torch.empty(x2.shape[0], n, dtype=dtype)
         y[:, r0:r1] = part
+    return y
+
+
+def _native_prefill(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, type_id: int, n: int):
+    # fp16 carries 3 more mantissa bits than bf16 at the same GEMM speed; its range (65504) is checked on the
+    # way in and out, and bf16 takes over where it would overflow. BF16 weights stay bf16.
+    y = None
+    if type_id != NATIVE_TYPES["BF16"] and float(x2.abs().max()) < 6e4:
+        y = _gemm(x2, w, type_id, n, torch.float16)
+        if not bool(torch.isfinite(y).all()):
+            y = None
+    if y is None:
+        y = _gemm(x2, w, type_id, n, torch.bfloat16)
     if bias is not None:
         y = y.float().add_(bias)
     return y.to(x2.dtype)

@@ -10,7 +10,7 @@
 // vpdpbusd accumulates 64 products for 16 rows at once; scales, offsets and mins are applied per sub-block in
 // float32. The error is ~2^-16 of each 32-block's largest |x|, far below llama.cpp's 8-bit activations.
 //
-// Prefill (many rows): fq_dequant_bf16 decodes rows to bf16 for a oneDNN/AMX GEMM in torch.
+// Prefill (many rows): fq_dequant decodes rows to fp16 (or bf16) for a oneDNN GEMM in torch.
 //
 // Every type is a struct with the ggml block (QK elements, BS bytes), the code offset OFF and sub-block
 // size SUB, and:
@@ -685,12 +685,18 @@ void linear(const uint8_t* W, int64_t N, int64_t K, const void* x, int bf16, int
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
         const int64_t g0 = groups * t / nt, g1 = groups * (t + 1) / nt;
-        for (int64_t m0 = 0; m0 < M; m0 += 4) {
-            switch (std::min<int64_t>(4, M - m0)) {
-                case 1: gemv_groups<T, 1>(W, g0, g1, K, a, m0, out); break;
-                case 2: gemv_groups<T, 2>(W, g0, g1, K, a, m0, out); break;
-                case 3: gemv_groups<T, 3>(W, g0, g1, K, a, m0, out); break;
-                default: gemv_groups<T, 4>(W, g0, g1, K, a, m0, out); break;
+        // M <= 4: one pass; more rows: chunks of 4 rows per group while its tiles are in L1/L2, so the
+        // weights still come from memory once
+        const int64_t step = M <= 4 ? g1 - g0 : 1;
+        for (int64_t g = g0; g < g1; g += step) {
+            const int64_t ge = std::min(g1, g + step);
+            for (int64_t m0 = 0; m0 < M; m0 += 4) {
+                switch (std::min<int64_t>(4, M - m0)) {
+                    case 1: gemv_groups<T, 1>(W, g, ge, K, a, m0, out); break;
+                    case 2: gemv_groups<T, 2>(W, g, ge, K, a, m0, out); break;
+                    case 3: gemv_groups<T, 3>(W, g, ge, K, a, m0, out); break;
+                    default: gemv_groups<T, 4>(W, g, ge, K, a, m0, out); break;
+                }
             }
         }
     }
@@ -700,7 +706,7 @@ void linear(const uint8_t* W, int64_t N, int64_t K, const void* x, int bf16, int
 
 // Rows [n0, n1) (n0 a multiple of 16) to bf16 out[(n - n0) * ldo + k]: per sub-block, the quads' code vectors
 // (16 rows x 4 codes) are transposed into 16-code runs per row, then w = scale * code + (min - scale * OFF).
-template <class T>
+template <class T, bool F16>
 void dequant_groups(const uint8_t* W, int64_t n0, int64_t n1, int64_t K, uint16_t* out, int64_t ldo) {
     const int64_t nb = K / T::QK;
     const __m512 off = _mm512_set1_ps((float)T::OFF);
@@ -744,7 +750,9 @@ void dequant_groups(const uint8_t* W, int64_t n0, int64_t n1, int64_t K, uint16_
                                 const __m512i c32 = _mm512_maskz_permutexvar_epi8(low_bytes, idx, rowsv[X]);
                                 const __m512 w = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c32), _mm512_set1_ps(sc[r]),
                                                                  _mm512_set1_ps(mv[r]));
-                                _mm256_storeu_si256((__m256i*)(ok + r * ldo), to_bf16(w));
+                                const __m256i h = F16 ? _mm512_cvtps_ph(w, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+                                                      : to_bf16(w);
+                                _mm256_storeu_si256((__m256i*)(ok + r * ldo), h);
                             }
                         }
                     }
@@ -753,7 +761,7 @@ void dequant_groups(const uint8_t* W, int64_t n0, int64_t n1, int64_t K, uint16_
     }
 }
 
-template <class T>
+template <class T, bool F16>
 void dequant(const uint8_t* W, int64_t n0, int64_t n1, int64_t K, uint16_t* out, int64_t ldo) {
     const int64_t g0 = n0 / R, g1 = (n1 + R - 1) / R;
 #pragma omp parallel
@@ -762,7 +770,7 @@ void dequant(const uint8_t* W, int64_t n0, int64_t n1, int64_t K, uint16_t* out,
         const int64_t a = g0 + (g1 - g0) * t / nt, b = g0 + (g1 - g0) * (t + 1) / nt;
         if (a < b) {
             const int64_t r0 = std::max(n0, a * R), r1 = std::min(n1, b * R);
-            dequant_groups<T>(W, r0, r1, K, out + (r0 - n0) * ldo, ldo);
+            dequant_groups<T, F16>(W, r0, r1, K, out + (r0 - n0) * ldo, ldo);
         }
     }
 }
@@ -840,7 +848,7 @@ void dense_linear(const uint16_t* W, int64_t N, int64_t K, const float* x, int64
 
 extern "C" {
 
-int fq_version() { return 2; }
+int fq_version() { return 3; }
 
 int fq_tile_rows() { return R; }
 
@@ -881,11 +889,11 @@ int fq_linear(int type, const uint8_t* W, int64_t N, int64_t K, const void* x, i
     return 0;
 }
 
-// out[n - n0, k] (bf16, row stride ldo) = dequantized W[n, k] for n in [n0, n1); W: repacked tiles,
-// n0 a multiple of 16.
-int fq_dequant_bf16(int type, const uint8_t* W, int64_t n0, int64_t n1, int64_t K, uint16_t* out, int64_t ldo) {
+// out[n - n0, k] (bf16, or fp16 if f16 = 1; row stride ldo) = dequantized W[n, k] for n in [n0, n1);
+// W: repacked tiles, n0 a multiple of 16.
+int fq_dequant(int type, const uint8_t* W, int64_t n0, int64_t n1, int64_t K, uint16_t* out, int64_t ldo, int f16) {
     if (n0 % R) return -2;
-#define FQ_DEQ(T) dequant<T>(W, n0, n1, K, out, ldo)
+#define FQ_DEQ(T) f16 ? dequant<T, true>(W, n0, n1, K, out, ldo) : dequant<T, false>(W, n0, n1, K, out, ldo)
     FQ_DISPATCH(type, FQ_DEQ)
 #undef FQ_DEQ
     return 0;
