@@ -272,7 +272,7 @@ class _Run:
         cache = main
         seq = list(ids)  # every token of the sequence; cache.length of them have been fed
         state = GenState(prompt_len=len(ids), capacity=self.capacity)
-        history = torch.tensor([ids], dtype=torch.long, device=k0.device)
+        history = torch.tensor([ids], dtype=torch.long, device=self.tr.device)
         text = self._new_text_stream()
         reason = None
         t_start = time.perf_counter()
