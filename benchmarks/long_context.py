@@ -5,7 +5,7 @@
 1. A word-level tokenizer (built with `tokenizers`: each word, each digit, each punctuation mark is a token) and
    a tiny llama-arch `fuselm` Transformer (2 layers, hidden 64, 2 heads of 32, RoPE base 10000, ~100k
    parameters) are trained from scratch on the CPU on passkey exchanges (`fuselm.evals.passkey`, "compact"
-   wording) of at most 128 tokens: its context. About 2000 steps, ~3 minutes on one free core (slower on
+   wording) of at most 128 tokens: its context. About 3000 steps, ~4 minutes on one free core (slower on
    shared cores; every schedule decision is by step count, never by the clock, so a slow machine trains the
    same schedule).
 2. The model is saved as an HF directory (benchmarks/out/long_context_model/) and loaded back through
@@ -216,7 +216,7 @@ def write_atomic(path: Path, text: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--short-max-steps", type=int, default=1500, help="cap on the short-prompt phase")
-    ap.add_argument("--full-steps", type=int, default=1200, help="steps at full length (default 1200)")
+    ap.add_argument("--full-steps", type=int, default=2500, help="steps at full length (default 2500)")
     ap.add_argument("--max-seconds", type=float, default=600, help="safety stop for training (default 600)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=5e-3)

@@ -1,5 +1,5 @@
 """Subcommands that live next to their library code. Each module has register(subparsers)."""
 
-from . import bench, quantize, transforms
+from . import bench, demo_cmds, evals, quantize, transforms
 
-REGISTRY: list = [quantize.register, transforms.register, bench.register]
+REGISTRY: list = [quantize.register, transforms.register, bench.register, evals.register, demo_cmds.register]

@@ -27,13 +27,14 @@ examples:
 """
 
 _ROPE_HELP = """\
-RoPE scaling: `--rope` picks the method, `--rope-factor` the scale s (target length / trained length) and
-`--original-context` the trained length (default: the checkpoint's). Methods: none (plain RoPE, even if the
+RoPE scaling: --rope (compare: --methods) picks the method, --rope-factor (compare: --factor) the scale
+s = target length / trained length, and --original-context the trained length (default: the checkpoint's).
+Methods: none (plain RoPE, even if the
 checkpoint configures a scaling), linear (position interpolation), ntk (base * s^(d/(d-2))), dynamic (NTK
 recomputed for the current length), yarn (NTK-by-parts + attention temperature), llama3 (Llama-3.1 bands,
 low/high freq factors 1 and 4), ntk-margin (base * (s+1)^(d/(d-2))), ntk-yarn (ntk-margin + q, k scaled by
-1 + 0.1 ln s). Without --rope the checkpoint runs as configured. `--rope-factor auto` uses length / trained
-length at each length (at least 1).
+1 + 0.1 ln s). Without --rope the checkpoint runs as configured. A factor of "auto" uses length / trained
+length at each length (at least 1), reloading the model per length.
 """
 
 LENGTH_UNITS = {"": 1, "k": 1024, "m": 1024 * 1024}
@@ -79,7 +80,7 @@ def _passkey_options(p: argparse.ArgumentParser) -> None:
     from ..evals.passkey import STYLES
 
     p.add_argument("--lengths", default="1k,2k,4k,8k",
-                   help="prompt lengths in tokens, comma separated, k = 1024 (default 1k,2k,4k,8k)")
+                   help="lengths in tokens (prompt + answer), comma separated, k = 1024 (default 1k,2k,4k,8k)")
     p.add_argument("--trials", type=int, default=20, help="prompts per length (default 20)")
     p.add_argument("--seed", type=int, default=0, help="seed for keys and depths; the same seed gives the same "
                                                        "prompts to every method (default 0)")

@@ -267,8 +267,8 @@ def plot_comparison(rows: Sequence[CompareRow], path: str | Path, *, original_co
         ax.minorticks_off()
         if original_context:
             ax.axvline(original_context, color="grey", linestyle=":", linewidth=1)
-            ax.text(original_context, 1.0, " trained", transform=ax.get_xaxis_transform(), va="top",
-                    fontsize=8, color="grey")
+            ax.text(original_context, 0.5, "trained context ", transform=ax.get_xaxis_transform(), rotation=90,
+                    ha="right", va="center", fontsize=8, color="grey")
         if attr == "accuracy":
             ax.set_ylim(-0.03, 1.03)
         else:

@@ -25,6 +25,8 @@ opaque custom op (fuselm::quant_linear).
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -56,16 +58,19 @@ def set_threads(n: int) -> None:
         pass  # torch allows this once, before any inter-op work; the intra-op count above is what matters
 
 
-class _Scratch:
-    """One growing 16-bit buffer for prefill weight tiles, shared by all layers (forward passes are sequential)."""
+class _Scratch(threading.local):
+    """A growing 16-bit buffer for prefill weight tiles, one per thread, shared by all layers."""
 
-    buf: torch.Tensor = torch.empty(0, dtype=torch.int16)
+    def __init__(self) -> None:
+        self.buf = torch.empty(0, dtype=torch.int16)
 
-    @classmethod
-    def get(cls, numel: int) -> torch.Tensor:
-        if cls.buf.numel() < numel:
-            cls.buf = torch.empty(numel, dtype=torch.int16)
-        return cls.buf[:numel]
+    def get(self, numel: int) -> torch.Tensor:
+        if self.buf.numel() < numel:
+            self.buf = torch.empty(numel, dtype=torch.int16)
+        return self.buf[:numel]
+
+
+_scratch = _Scratch()
 
 
 # ------------------------------------------------------------------------------------------------- native calls
@@ -93,12 +98,12 @@ def _weight_tiles(w: torch.Tensor, type_id: int, n: int, k: int, dtype: torch.dt
         if dense is not None:
             rows = w[r0:r1].view(dense)
             if dense != dtype:
-                rows = _Scratch.get((r1 - r0) * k).view(r1 - r0, k).view(dtype).copy_(rows)
+                rows = _scratch.get((r1 - r0) * k).view(r1 - r0, k).view(dtype).copy_(rows)
             yield r0, r1, rows
             continue
         # rows K + 32 apart: at a power-of-two stride the 16 rows a tile writes at once share one L1 set
         ld = k + 32
-        tile = _Scratch.get((r1 - r0) * ld).view(dtype).view(r1 - r0, ld)[:, :k]
+        tile = _scratch.get((r1 - r0) * ld).view(dtype).view(r1 - r0, ld)[:, :k]
         rc = native_library().fq_dequant(type_id, w.data_ptr(), r0, r1, k, tile.data_ptr(), ld, dtype == torch.float16)
         if rc != 0:
             raise FuselmError(f"QuantLinear: native dequantize failed for ggml type {type_id} (code {rc})")
