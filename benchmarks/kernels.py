@@ -13,6 +13,12 @@ For each type and each weight shape (5632x2048 and 2048x2048, TinyLlama's FFN an
 Reference rows: a raw DRAM read of the same bytes, torch bf16 F.linear, and torch's int4 packed GEMV
 (`_weight_int4pack_mm_for_cpu`, group 32), the candidates the kernel choice was measured against.
 Times are the best of --reps runs: other processes on a shared machine only ever make runs slower.
+
+`--stack Q4_K_M,Q8_0,F16` adds the matmuls of one decode step of a TinyLlama-1.1B-shaped model (22 layers,
+dim 2048, ffn 5632, 4 KV heads, vocab 32000; Q4_K_M with llama.cpp's mix: Q6_K for attn_v / ffn_down on the
+"more bits" layers and for the output), called in model order with M=1: matmul-only tokens per second, the
+part of decode this module owns (attention, norms and Python overhead come on top); "fused" stacks q/k/v
+(when of one type) and gate/up into one QuantLinear each.
 """
 
 from __future__ import annotations
@@ -166,17 +172,73 @@ def reference_rows(n: int, k: int, reps: int) -> list[str]:
     return rows
 
 
+def stack_types(ftype: str, n_layer: int = 22) -> list[tuple[str, int, int, str]]:
+    """(name, out, in, type) of every matmul of a TinyLlama-shaped model, in call order."""
+
+    def more_bits(i: int) -> bool:
+        return i < n_layer // 8 or i >= 7 * n_layer // 8 or (i - n_layer // 8) % 3 == 2
+
+    base = {"Q4_K_M": "Q4_K"}.get(ftype, ftype)
+    out_type = "Q6_K" if ftype == "Q4_K_M" else ("Q8_0" if ftype == "Q4_0" else ftype)
+    layers = []
+    for i in range(n_layer):
+        big = "Q6_K" if ftype == "Q4_K_M" and more_bits(i) else base
+        layers += [("q", 2048, 2048, base), ("k", 256, 2048, base), ("v", 256, 2048, big), ("o", 2048, 2048, base),
+                   ("gate", 5632, 2048, base), ("up", 5632, 2048, base), ("down", 2048, 5632, big)]  # fmt: skip
+    return layers + [("output", 32000, 2048, out_type)]
+
+
+def bench_stack(ftype: str, reps: int, fuse: bool) -> str:
+    """fuse: q/k/v (when of one type) and gate/up as one QuantLinear each, as a model can load them."""
+    cache: dict[tuple[str, int, int], torch.Tensor] = {}
+
+    def part(n: int, k: int, qtype: str) -> QuantizedWeight:
+        if (qtype, n, k) not in cache:
+            cache[(qtype, n, k)] = make_weight(qtype, n, k)[0]
+        return QuantizedWeight(cache[(qtype, n, k)].clone(), qtype, (n, k))  # each layer its own bytes
+
+    mats = stack_types(ftype)
+    groups: list[list[tuple[str, int, int, str]]] = []
+    for i in range(0, len(mats) - 1, 7):
+        q, k, v, o, gate, up, down = mats[i : i + 7]
+        if not fuse:
+            groups += [[m] for m in mats[i : i + 7]]
+            continue
+        groups += [[q, k, v]] if v[3] == q[3] else [[q, k], [v]]
+        groups += [[o], [gate, up], [down]]
+    groups.append([mats[-1]])
+    layers = [QuantLinear([part(n, k, t) for _, n, k, t in g]) for g in groups]
+    nbytes = sum(p.nbytes for layer in layers for p in layer.parts)
+    xs = {k: torch.randn(1, k) for k in (2048, 5632)}
+
+    def step() -> None:
+        for layer in layers:
+            layer(xs[layer.in_features])
+
+    best, med = timed(step, reps)
+    return (
+        f"stack {ftype:7s} {'fused' if fuse else 'plain'} {len(layers)} matmuls, {nbytes / 1e6:.0f} MB: "
+        f"{best * 1e3:.1f} ms/token (median {med * 1e3:.1f}) = {1 / best:.1f} tok/s matmul-only, "
+        f"{nbytes / best / 1e9:.1f} GB/s"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--types", default=",".join(TYPES))
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--no-reference", action="store_true", help="skip the torch reference rows")
+    ap.add_argument("--stack", default="", help="comma list of Q4_K_M, Q8_0, Q4_0, F16: TinyLlama decode matmuls")
+    ap.add_argument("--no-single", action="store_true", help="skip the single-matmul table")
     args = ap.parse_args()
     set_threads(args.threads)
     torch.manual_seed(0)
     print(f"threads={args.threads}  torch {torch.__version__}")
-    for n, k in SHAPES:
+    for ftype in filter(None, args.stack.split(",")):
+        for fuse in (False, True):
+            print(bench_stack(ftype.strip().upper(), args.reps, fuse), flush=True)
+    for n, k in [] if args.no_single else SHAPES:
         if not args.no_reference:
             for row in reference_rows(n, k, args.reps):
                 print(row, flush=True)

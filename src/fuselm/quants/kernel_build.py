@@ -84,6 +84,9 @@ def build(verbose: bool = False) -> Path:
         tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
         raise RuntimeError(f"compiling {SOURCE.name} failed:\n{tail}")
     os.replace(tmp, out)
+    for stale in out.parent.glob("libfuselm_qkernels-*.so"):  # builds of older sources or other CPUs
+        if stale != out:
+            stale.unlink(missing_ok=True)
     return out
 
 

@@ -25,7 +25,9 @@ opaque custom op (fuselm::quant_linear).
 
 from __future__ import annotations
 
+import math
 import threading
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,8 +44,8 @@ _PACKED_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K",
 # ggml types the native kernels run (name -> ggml type id); F16/BF16 rows are read as they are
 NATIVE_TYPES = {name: int(ggml_type(name).type_id) for name in ("F16", "BF16", *_PACKED_TYPES)}
 DENSE_TYPES = ("F32", "F16", "BF16")
-DECODE_MAX_ROWS = 32  # up to this many activation rows use the GEMV (measured crossover ~40); more: bf16 GEMM
-TILE_BYTES = 32 << 20  # bf16 weight tile for the prefill GEMM (one reused scratch buffer)
+DECODE_MAX_ROWS = 32  # up to this many activation rows use the GEMV (measured crossover ~40), more the GEMM
+TILE_BYTES = 8 << 20  # fp16/bf16 weight tile for the prefill GEMM (one reused scratch buffer per thread)
 BACKENDS = ("native", "torch", "dense")
 
 
@@ -129,7 +131,7 @@ def _native_prefill(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None
     y = None
     if type_id != NATIVE_TYPES["BF16"] and float(x2.abs().max()) < 6e4:
         y = _gemm(x2, w, type_id, n, torch.float16)
-        if not bool(torch.isfinite(y).all()):
+        if not math.isfinite(float(y.sum(dtype=torch.float32))):  # any inf (or nan) shows in the sum; 10x faster
             y = None
     if y is None:
         y = _gemm(x2, w, type_id, n, torch.bfloat16)
@@ -161,48 +163,95 @@ def _default_backend(qtype: str) -> str:
 
 
 class QuantLinear(nn.Module):
-    """y = x @ W.T + b with W given as a QuantizedWeight.
+    """y = x @ W.T + b with W given as a QuantizedWeight, or as several with the same type and in_features
+    stacked by rows (e.g. q/k/v or gate/up: one call instead of several, each smaller call costs a fixed
+    ~10 us and runs at lower bandwidth).
 
     x: [..., in_features] float32 or bf16 (other float dtypes are computed in float32); y: [..., out_features]
-    in x's dtype. `weight` stays available (e.g. `layer.weight.dequantize()`); `bias` is float32 or None.
+    in x's dtype. `parts` keeps the source weights (`layer.weight` is the single part, or their row
+    concatenation, built on request); `bias` is float32 or None.
     """
 
-    def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None = None, *, backend: str | None = None):
+    def __init__(
+        self,
+        weight: QuantizedWeight | Sequence[QuantizedWeight],
+        bias: torch.Tensor | None = None,
+        *,
+        backend: str | None = None,
+    ):
         super().__init__()
-        self.weight = weight
-        self.out_features, self.in_features = weight.shape
-        self.qtype = weight.qtype
-        self.backend = backend or _default_backend(weight.qtype)
+        parts = (weight,) if isinstance(weight, QuantizedWeight) else tuple(weight)
+        if not parts or any(p.qtype != parts[0].qtype or p.in_features != parts[0].in_features for p in parts):
+            found = ", ".join(f"{p.qtype} {p.shape}" for p in parts) or "nothing"
+            raise FuselmError(f"QuantLinear: expected weights of one type and one in_features, got {found}")
+        for p in parts:
+            if p.data.device.type != "cpu":
+                raise FuselmError(f"QuantLinear: weight bytes must be on the CPU, got {p.data.device}")
+        self.parts = parts
+        self.qtype = parts[0].qtype
+        self.in_features = parts[0].in_features
+        self.out_features = sum(p.out_features for p in parts)
+        self.backend = backend or _default_backend(self.qtype)
         if self.backend not in BACKENDS:
             raise FuselmError(f"QuantLinear backend {self.backend!r}: expected one of {', '.join(BACKENDS)}")
-        if self.backend == "native" and (weight.qtype not in NATIVE_TYPES or native_library() is None):
-            raise FuselmError(f"QuantLinear: no native kernel for {weight.qtype} on this machine")
+        if self.backend == "native" and (self.qtype not in NATIVE_TYPES or native_library() is None):
+            raise FuselmError(f"QuantLinear: no native kernel for {self.qtype} on this machine")
         if bias is not None:
             if tuple(bias.shape) != (self.out_features,):
                 raise FuselmError(f"QuantLinear bias: expected shape ({self.out_features},), got {tuple(bias.shape)}")
             bias = bias.detach().to("cpu", torch.float32).contiguous()
         self.bias = bias  # a plain attribute, not a buffer: module.to(dtype) must not change what the kernels read
-        if weight.data.device.type != "cpu":
-            raise FuselmError(f"QuantLinear: weight bytes must be on the CPU, got {weight.data.device}")
-        # a contiguous view (the usual case, also for an mmap) is used in place, anything else is copied once
-        self._data = weight.data if weight.data.is_contiguous() else weight.data.contiguous()
+        # contiguous views (the usual case, also for an mmap) are used in place, anything else is copied once
+        self._datas = [p.data if p.data.is_contiguous() else p.data.contiguous() for p in parts]
         self._type_id = NATIVE_TYPES.get(self.qtype, -1)
-        self._w = self._data  # what the native kernels read: the repacked tiles, or F16/BF16 rows as they are
-        if self.backend == "native" and self.qtype in _PACKED_TYPES:
-            self._w = self._repack()
         self._dense: dict[torch.device, torch.Tensor] = {}
-        if self.qtype == "F32":
-            self._dense[torch.device("cpu")] = self._data.view(torch.float32).view(weight.shape)
+        self._w: torch.Tensor | None = None
+        if self.backend == "native" and self.qtype in _PACKED_TYPES:
+            self._w = self._repack()  # what the native kernels read
+        elif (self.qtype in DENSE_TYPES and self.backend == "native") or self.qtype == "F32":
+            self._w = self._datas[0] if len(parts) == 1 else torch.cat(self._datas)  # rows as they are
+            if len(parts) > 1:
+                self._drop_sources()
+            if self.qtype == "F32":
+                self._dense[torch.device("cpu")] = self._w.view(torch.float32).view(self.out_features, -1)
+
+    @property
+    def weight(self) -> QuantizedWeight:
+        if len(self.parts) == 1:
+            return self.parts[0]
+        return QuantizedWeight(torch.cat(self._datas), self.qtype, (self.out_features, self.in_features))
+
+    def _drop_sources(self) -> None:
+        for data in self._datas:
+            drop_file_pages(data)  # from now on the kernels read their own copy
 
     def _repack(self) -> torch.Tensor:
         lib = native_library()
-        rows = -(-self.out_features // lib.fq_tile_rows()) * lib.fq_tile_rows()
-        packed = torch.empty(rows * self._data.shape[1], dtype=torch.uint8)
-        rc = lib.fq_repack(self._type_id, self._data.data_ptr(), self.out_features, self.in_features, packed.data_ptr())
-        if rc != 0:
-            raise FuselmError(f"QuantLinear: native repack failed for {self.qtype} (code {rc})")
-        drop_file_pages(self._data)  # the tiles are all we read from now on
+        tile = lib.fq_tile_rows()
+        row_bytes = self._datas[0].shape[1]
+        packed = torch.empty(-(-self.out_features // tile) * tile * row_bytes, dtype=torch.uint8)
+        # parts whose row counts are whole tiles are repacked side by side; otherwise from a joined copy
+        datas = self._datas if all(d.shape[0] % tile == 0 for d in self._datas[:-1]) else [torch.cat(self._datas)]
+        row0 = 0
+        for data in datas:
+            rows = data.shape[0]
+            dst = packed[row0 * row_bytes :]
+            rc = lib.fq_repack(self._type_id, data.data_ptr(), rows, self.in_features, dst.data_ptr())
+            if rc != 0:
+                raise FuselmError(f"QuantLinear: native repack failed for {self.qtype} (code {rc})")
+            row0 += rows
+        self._drop_sources()
         return packed
+
+    def _dequantize_rows(self, r0: int, r1: int) -> torch.Tensor:
+        """float32 [r1 - r0, in_features] of the stacked parts, from their ggml bytes."""
+        pieces, p0 = [], 0
+        for data in self._datas:
+            a, b = max(r0, p0), min(r1, p0 + data.shape[0])
+            if a < b:
+                pieces.append(dequantize(data[a - p0 : b - p0], self.qtype, (b - a, self.in_features)))
+            p0 += data.shape[0]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
     def extra_repr(self) -> str:
         return (
@@ -234,14 +283,13 @@ class QuantLinear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
     def _forward_torch(self, x2: torch.Tensor) -> torch.Tensor:
-        n, k = self.weight.shape
+        n, k = self.out_features, self.in_features
         xf = x2.float()
         y = torch.empty(x2.shape[0], n, dtype=torch.float32)
         step = max(1, min(n, (TILE_BYTES // 2) // (4 * k)))
         for r0 in range(0, n, step):
             r1 = min(n, r0 + step)
-            w = dequantize(self._data[r0:r1], self.qtype, (r1 - r0, k))
-            y[:, r0:r1] = xf @ w.t()
+            y[:, r0:r1] = xf @ self._dequantize_rows(r0, r1).t()
         if self.bias is not None:
             y += self.bias
         return y
@@ -254,7 +302,7 @@ class QuantLinear(nn.Module):
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         if device not in self._dense:
-            n, k = self.weight.shape
+            n, k = self.out_features, self.in_features
             if device.type == "cpu":
                 dtype = torch.float32
             elif device.type == "cuda" and torch.cuda.is_bf16_supported():
@@ -265,9 +313,9 @@ class QuantLinear(nn.Module):
             step = max(1, min(n, TILE_BYTES // (4 * k)))
             for r0 in range(0, n, step):
                 r1 = min(n, r0 + step)
-                w[r0:r1] = dequantize(self._data[r0:r1], self.qtype, (r1 - r0, k)).to(device=device, dtype=dtype)
-            if self._w is not self._data:
-                drop_file_pages(self._data)
+                w[r0:r1] = self._dequantize_rows(r0, r1).to(device=device, dtype=dtype)
+            if self.backend == "native":
+                self._drop_sources()
             self._dense[device] = w
         return self._dense[device]
 
