@@ -57,6 +57,17 @@ def make_files(workdir: Path, types: list[str], layers: int) -> dict[str, Path]:
     return files
 
 
+def kept_files(folder: Path, types: list[str], layers: int) -> dict[str, Path]:
+    """make_files into folder/<layers>-layers once; later runs reuse what is there (a stamp marks completion)."""
+    folder = folder / f"{layers}-layers"
+    stamp = folder / ("done-" + "-".join(sorted(types)))
+    if not stamp.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        files = make_files(folder, types, layers)
+        stamp.write_text("\n".join(f"{k} {v.name}" for k, v in files.items()))
+    return {k: folder / name for k, name in (line.split(" ", 1) for line in stamp.read_text().splitlines())}
+
+
 WORKER = r"""
 import json, sys, time, torch
 kind, path, threads, n_prompt, n_gen = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
@@ -114,14 +125,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--gen-tokens", type=int, default=64)
-    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--workdir", default=None, help="where the temporary model files go (default: /tmp)")
+    parser.add_argument("--keep", default=None, metavar="DIR",
+                        help="write the model files into DIR and keep them; reuse them when they are already there")
     args = parser.parse_args()
     if not VOCAB.is_file():
         sys.exit(f"missing {VOCAB}: run `make .venv/llama-sdist/.ok` first")
     types = args.types.split(",")
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         t0 = time.perf_counter()
-        files = make_files(Path(tmp), types, args.layers)
+        if args.keep:
+            files = kept_files(Path(args.keep), types, args.layers)
+        else:
+            files = make_files(Path(tmp), types, args.layers)
         print(f"model files written in {time.perf_counter() - t0:.0f}s; {args.threads} threads, "
               f"{args.prompt_tokens}-token prompt, {args.gen_tokens} decoded tokens", flush=True)
         ref = measure("transformers", files["hf"], args.threads, args.prompt_tokens, args.gen_tokens)

@@ -17,6 +17,7 @@ from PIL import Image
 from fuselm import load
 from fuselm.cli import main as cli_main
 from fuselm.demo.train import MODEL_FILE, Recipe, train_demo
+from fuselm.demo.world import caption, sample_scenes
 from fuselm.evals import demo_quality
 from fuselm.loader import DEMO_DIR
 
@@ -57,6 +58,24 @@ def test_shipped_model_loads_with_chameleon_layout(model):
     assert model.image_tokenizer.encode([Image.new("RGB", (32, 32), "white")]).shape == (1, 64)
 
 
+def test_llama_cpp_reads_the_shipped_vocabulary(model):
+    """llama.cpp tokenizes like our tokenizer.json. (It cannot run the weights: its chameleon graph masks the
+    8192 image ids 4..8195 of the real Chameleon vocabulary and asserts the logits hold that many; ours is smaller.)"""
+    import llama_cpp  # the reference: a missing build must fail, not skip
+
+    llm = llama_cpp.Llama(model_path=str(SHIPPED), vocab_only=True, verbose=False)
+    try:
+        assert llm.n_vocab() == model.config.vocab_size
+        assert (llm.token_bos(), llm.token_eos()) == (model.tokenizer.bos_id, model.tokenizer.eos_id)
+        for scene in sample_scenes(8, seed=1, split="all"):
+            text = caption(scene) + "<reserved08706>"
+            ids = llm.tokenize(text.encode(), add_bos=True, special=True)
+            assert ids == model.tokenizer.encode(text), text
+            assert llm.detokenize(ids[1:-1]).decode() == caption(scene)
+    finally:
+        llm.close()
+
+
 def test_fuselm_demo_writes_a_page_with_pictures(tmp_path, capsys):
     assert cli_main(["demo", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr()
@@ -72,10 +91,10 @@ def test_fuselm_demo_writes_a_page_with_pictures(tmp_path, capsys):
 
 def test_quality_floor_on_a_small_sample(model):
     row = demo_quality.evaluate_model(model, "shipped", n=20, seed=5, progress=False)
-    # A floor well above chance (about 1 in 300 scenes), not the target: the issue's targets (captions >= 90%,
-    # drawings >= 80% on 200 held-out) are benchmark figures from `fuselm eval demo`, reported as measured.
-    assert row.caption_accuracy >= 0.7, row
-    assert row.drawn_correctness >= 0.4, row
+    # A floor on 20 scenes, below the targets (captions >= 90%, drawings >= 80% on 200 held-out), which are
+    # benchmark figures from `fuselm eval demo`, reported as measured; chance is about 1 in 300 scenes.
+    assert row.caption_accuracy >= 0.9, row
+    assert row.drawn_correctness >= 0.7, row
 
 
 def test_eval_table_has_every_row(capsys):
@@ -89,7 +108,7 @@ def test_eval_table_has_every_row(capsys):
 def test_training_is_reproducible_from_the_seed(tmp_path):
     tiny = replace(Recipe(seed=3), vq_warmup_steps=2, vq_steps=4, vq_batch=4, vq_codes=32, vq_embed_dim=8,
                    hidden_size=32, intermediate_size=64, layers=1, heads=2, lm_steps=3, lm_short_batch=4,
-                   lm_long_batch=1, lm_warmup=1)
+                   lm_long_batch=1, lm_warmup=1, checks=False)
     a, b = (train_demo(tmp_path / name, recipe=tiny) for name in ("a", "b"))
     assert a.read_bytes() == b.read_bytes()
     assert Path(str(a).replace(MODEL_FILE, "demo-vqgan.gguf")).read_bytes() == \

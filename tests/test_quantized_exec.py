@@ -63,14 +63,17 @@ def test_quantized_execution_equals_dequantized_dense(model_dir, qtype):
     dense = load_gguf(model_dir / f"{qtype}.gguf", dtype="float32", dequantize_all=True)
     assert not isinstance(dense.transformer.layers[0].attn.q, QuantLinear)
     a, b = fast(ids), dense(ids)
-    # The native kernels quantize activations to 8 bits per block, as llama.cpp does (see quants/kernels.py).
+    # Prefill runs fp16 weight tiles through a GEMM (see quants/kernels.py for the documented error).
     assert (a - b).abs().max() <= 3e-2 * b.abs().max()
 
 
 def test_weights_stay_quantized_in_memory(model_dir):
     model = fuselm.load(model_dir / "Q4_K_M.gguf")
     linears = [m for m in model.transformer.modules() if isinstance(m, QuantLinear)]
-    assert len(linears) == 2 * 7 + 1  # every projection and the output head
+    assert sum(len(m.parts) for m in linears) == 2 * 7 + 1  # every projection and the output head
+    # q/k/v and gate/up of one type run as one stacked matmul
+    stacked = [m for m in linears if len(m.parts) > 1]
+    assert stacked and all(m.out_features == sum(p.out_features for p in m.parts) for m in stacked)
     float_params = sum(p.numel() for p in model.transformer.parameters())
     assert float_params < 0.01 * sum(m.in_features * m.out_features for m in linears)
     assert isinstance(model.transformer.embed, QuantizedEmbedding) or model.transformer.embed.weight.ndim == 2

@@ -34,8 +34,8 @@ def register(sub) -> None:
                        description=HELP_TRAIN, formatter_class=RAW)
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--out-dir", default=None, help="output directory (default: the shipped src/fuselm/demo/weights)")
-    p.add_argument("--minutes", type=float, default=30.0,
-                   help="stop the decoder's training early after this many minutes in all (default 30)")
+    p.add_argument("--minutes", type=float, default=60.0,
+                   help="stop the decoder's training early after this many minutes in all (default 60)")
     p.set_defaults(func=cmd_train_demo)
 
     from ..evals import demo_quality

@@ -82,12 +82,13 @@ class Recipe:
     heads: int = 4
     context: int = 512
     text_merges: int = 200  # upper bound; BPE stops when the captions have nothing left to merge
-    lm_steps: int = 400
-    lm_short_batch: int = 48  # caption->image and image->caption rows per step
+    lm_steps: int = 500
+    lm_short_batch: int = 48  # caption->image and image->caption rows per step, 2:1
     lm_long_batch: int = 8  # interleaved rows per step
     lm_lr: float = 2e-3
     lm_warmup: int = 30
     lm_weight_decay: float = 0.05
+    checks: bool = True  # judge reconstructions and drawing targets with the picture checker (slow-ish)
     swap_order: float = 0.5  # share of two-object prompts written with the objects in the other order
     end_turn: float = 0.3  # share of caption -> image rows with <reserved08706> after the caption
 
@@ -134,27 +135,29 @@ def build_tokenizer(texts: list[str], image_codes: int, merges: int) -> Tokenize
 class Sequences:
     """Token-id sequences of the three tasks, from scenes and their image codes."""
 
-    def __init__(self, tok: Tokenizer, codes: dict[Scene, list[int]]):
+    def __init__(self, tok: Tokenizer, read: dict[Scene, list[int]], drawn: dict[Scene, list[int]]):
         vocab = tok.get_vocab()
         self.tok = tok
-        self.image_ids = {scene: [vocab[image_token_name(c)] for c in cs] for scene, cs in codes.items()}
+        # Pictures the model reads are the VQGAN's encodings; pictures it draws are the drawing targets.
+        self.read_ids = {scene: [vocab[image_token_name(c)] for c in cs] for scene, cs in read.items()}
+        self.drawn_ids = {scene: [vocab[image_token_name(c)] for c in cs] for scene, cs in drawn.items()}
         self.boi, self.eoi, self.eot = vocab[BEGIN_IMAGE], vocab[END_IMAGE], vocab[END_TURN]
 
     def text(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
 
-    def image(self, scene: Scene) -> list[int]:
-        return [self.boi, *self.image_ids[scene], self.eoi]
+    def image(self, scene: Scene, drawn: bool) -> list[int]:
+        return [self.boi, *(self.drawn_ids if drawn else self.read_ids)[scene], self.eoi]
 
     def caption_to_image(self, scene: Scene, prompt: str, end_turn: bool = True) -> list[int]:
-        return [BOS, *self.text(prompt), *([self.eot] if end_turn else []), *self.image(scene), EOS]
+        return [BOS, *self.text(prompt), *([self.eot] if end_turn else []), *self.image(scene, True), EOS]
 
     def image_to_caption(self, scene: Scene) -> list[int]:
-        return [BOS, *self.image(scene), self.eot, *self.text(caption(scene)), EOS]
+        return [BOS, *self.image(scene, False), self.eot, *self.text(caption(scene)), EOS]
 
     def interleaved(self, first: Scene, second: Scene) -> list[int]:
-        return [BOS, *self.text(STORY_REQUEST), self.eot, *self.text(caption(first)), *self.image(first),
-                *self.text(caption(second)), *self.image(second), EOS]
+        return [BOS, *self.text(STORY_REQUEST), self.eot, *self.text(caption(first)), *self.image(first, True),
+                *self.text(caption(second)), *self.image(second, True), EOS]
 
 
 def swapped_caption(scene: Scene) -> str:
@@ -291,7 +294,8 @@ def train_vqgan(r: Recipe, scenes: list[Scene], log: TrainingLog) -> VQGAN:
             b, d, h, w = z.shape
             flat = z.permute(0, 2, 3, 1).reshape(-1, d)
             idx = nearest_code(flat.detach(), codebook.detach())
-            e = codebook[idx]
+            # A one-hot matmul, not codebook[idx]: indexing's backward accumulates with threads in no fixed order.
+            e = F.one_hot(idx, r.vq_codes).to(codebook.dtype) @ codebook
             vq_loss = F.mse_loss(e, flat.detach()) + r.vq_beta * F.mse_loss(flat, e.detach())
             z = (flat + (e - flat).detach()).view(b, h, w, d).permute(0, 3, 1, 2)
             usage += torch.bincount(idx, minlength=r.vq_codes).float()
@@ -312,14 +316,52 @@ def train_vqgan(r: Recipe, scenes: list[Scene], log: TrainingLog) -> VQGAN:
         opt.step()
         if step >= r.vq_warmup_steps:
             code_opt.step()
-        bar.set_postfix(recon=f"{float(recon):.4f}", vq=f"{float(vq_loss):.4f}", local=f"{float(local):.3f}")
+        bar.set_postfix(recon=f"{recon.item():.4f}", vq=f"{vq_loss.item():.4f}", local=f"{local.item():.3f}")
     bar.close()
     vq.eval()
     log.seconds["vqgan"] = time.perf_counter() - t0
-    log.metrics["vqgan_final_recon_loss"] = float(recon)
-    log.metrics["vqgan_final_vq_loss"] = float(vq_loss)
-    log.metrics["vqgan_final_locality_loss"] = float(local)
+    log.metrics["vqgan_final_recon_loss"] = recon.item()
+    log.metrics["vqgan_final_vq_loss"] = vq_loss.item()
+    log.metrics["vqgan_final_locality_loss"] = local.item()
     return vq
+
+
+def drawing_targets(scenes: list[Scene], codes: torch.Tensor, grid: int,
+                    wanted: list[Scene] | None = None) -> dict[Scene, list[int]]:
+    """The code grid the decoder is taught to draw for each scene (of `wanted`, default `scenes`).
+
+    One-object scenes keep their own encoding. A two-object scene is put together from halves: each half is, cell
+    by cell, the most common code among the encodings of the given scenes with the same object in the same slot.
+    The VQGAN's codes are nearly local but not quite (a code can flip between two close codebook rows depending on
+    the far half), and those flips are noise that ties a half's codes to the other object; with composed targets
+    every half is one fixed code pattern, so a new combination of seen objects is drawn from seen parts."""
+    masks = half_masks(grid)
+    grids = codes.view(-1, grid, grid)
+    halves: dict[tuple, list[torch.Tensor]] = {}
+    for s, g in zip(scenes, grids):
+        if len(s.objects) == 2:
+            for k, obj in enumerate(s.objects):
+                halves.setdefault((s.layout, k, obj), []).append(g)
+    modes = {key: torch.stack(gs).mode(dim=0).values for key, gs in halves.items()}
+    own = dict(zip(scenes, grids))
+    out = {}
+    for s in wanted if wanted is not None else scenes:
+        if len(s.objects) == 1:
+            out[s] = own[s].flatten().tolist()
+            continue
+        target = torch.zeros(grid, grid, dtype=torch.long)
+        for k, obj in enumerate(s.objects):
+            m = masks[(s.layout, k)]
+            target[m] = modes[(s.layout, k, obj)][m]
+        out[s] = target.flatten().tolist()
+    return out
+
+
+def decoded_accuracy(vq: VQGAN, targets: dict[Scene, list[int]]) -> float:
+    """Share of scenes whose code grid the VQGAN decodes into a picture the checker reads right."""
+    h, w = vq.grid(IMAGE_SIZE, IMAGE_SIZE)
+    pictures = ImageProcessor(IMAGE_SIZE).postprocess(vq.decode(torch.tensor(list(targets.values())), h, w))
+    return sum(scene_matches(s, p) for s, p in zip(targets, pictures)) / len(targets)
 
 
 def reconstruction_accuracy(vq: VQGAN, scenes: list[Scene]) -> tuple[float, torch.Tensor]:
@@ -365,7 +407,7 @@ def training_rows(seqs: Sequences, scenes: list[Scene], rng: np.random.Generator
     short, short_t = [], []
     for i in range(r.lm_short_batch):
         scene = scenes[rng.integers(len(scenes))]
-        if i % 2 == 0:
+        if i % 3 < 2:  # two drawing rows for each reading row: drawing new combinations is the harder task
             two = len(scene.objects) == 2
             prompt = swapped_caption(scene) if two and rng.random() < r.swap_order else caption(scene)
             row = seqs.caption_to_image(scene, prompt, end_turn=rng.random() < r.end_turn)
@@ -415,7 +457,7 @@ def train_decoder(r: Recipe, config: ModelConfig, seqs: Sequences, scenes: list[
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        smooth = float(loss) if smooth is None else 0.9 * smooth + 0.1 * float(loss)
+        smooth = loss.item() if smooth is None else 0.9 * smooth + 0.1 * loss.item()
         bar.set_postfix(loss=f"{smooth:.4f}")
         if time.perf_counter() > deadline:
             log.stopped_early.append(f"decoder stopped at step {step + 1} of {r.lm_steps} (time budget)")
@@ -543,7 +585,7 @@ def gguf_writer_available() -> bool:
     return True
 
 
-def train_demo(out_dir: Path, seed: int = 0, minutes: float = 20.0, recipe: Recipe | None = None) -> Path:
+def train_demo(out_dir: Path, seed: int = 0, minutes: float = 60.0, recipe: Recipe | None = None) -> Path:
     """Train both models and write the shipped files into out_dir. Returns the model path (or HF dir)."""
     r = recipe or Recipe(seed=seed)
     torch.set_num_threads(r.threads)
@@ -554,22 +596,29 @@ def train_demo(out_dir: Path, seed: int = 0, minutes: float = 20.0, recipe: Reci
     train, heldout = all_scenes("train"), all_scenes("heldout")
 
     vq = train_vqgan(r, train, log)
-    acc_train, codes = reconstruction_accuracy(vq, train)
-    acc_heldout, _ = reconstruction_accuracy(vq, heldout)
-    log.metrics["vqgan_reconstruction_accuracy_train"] = acc_train
-    log.metrics["vqgan_reconstruction_accuracy_heldout"] = acc_heldout
+    codes = vq.encode(pixels_of(train))
     log.metrics["vqgan_codes_used_by_train_scenes"] = int(codes.unique().numel())
-    print(f"VQGAN: reconstructions read right {acc_train:.1%} (train), {acc_heldout:.1%} (held-out); "
-          f"{log.metrics['vqgan_codes_used_by_train_scenes']} of {r.vq_codes} codes used")
+    if r.checks:
+        acc_train, _ = reconstruction_accuracy(vq, train)
+        acc_heldout, _ = reconstruction_accuracy(vq, heldout)
+        log.metrics["vqgan_reconstruction_accuracy_train"] = acc_train
+        log.metrics["vqgan_reconstruction_accuracy_heldout"] = acc_heldout
+        print(f"VQGAN: reconstructions read right {acc_train:.1%} (train), {acc_heldout:.1%} (held-out); "
+              f"{log.metrics['vqgan_codes_used_by_train_scenes']} of {r.vq_codes} codes used")
 
     tok = build_tokenizer([caption(s) for s in all_scenes("all")] + [STORY_REQUEST], r.vq_codes, r.text_merges)
-    scene_codes = {s: c.tolist() for s, c in zip(train, codes)}
-    seqs = Sequences(tok, scene_codes)
+    grid = vq.grid(IMAGE_SIZE, IMAGE_SIZE)[0]
+    drawn = drawing_targets(train, codes, grid)
+    # Held-out targets are only measured (from train halves), never trained on.
+    drawn_heldout = drawing_targets(train, codes, grid, wanted=heldout)
+    if r.checks:
+        log.metrics["drawing_targets_decoded_right_train"] = decoded_accuracy(vq, drawn)
+        log.metrics["drawing_targets_decoded_right_heldout"] = decoded_accuracy(vq, drawn_heldout)
+    seqs = Sequences(tok, {s: c.tolist() for s, c in zip(train, codes)}, drawn)
     config = decoder_config(r, tok, vq.config)
     model = train_decoder(r, config, seqs, train, log, deadline)
     log.metrics.update({f"train_{k}": v for k, v in task_losses(model, seqs, train).items()})
-    heldout_codes = {s: c.tolist() for s, c in zip(heldout, vq.encode(pixels_of(heldout)))}
-    held = Sequences(tok, heldout_codes)
+    held = Sequences(tok, {s: c.tolist() for s, c in zip(heldout, vq.encode(pixels_of(heldout)))}, drawn_heldout)
     log.metrics.update({f"heldout_{k}": v for k, v in task_losses(model, held, heldout).items()})
     log.metrics["decoder_parameters"] = sum(p.numel() for p in model.parameters())
     log.metrics["vqgan_parameters"] = sum(p.numel() for p in vq.parameters())

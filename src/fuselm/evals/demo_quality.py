@@ -58,6 +58,9 @@ def evaluate_model(model, name: str, n: int = 200, seed: int = 0, progress: bool
     caption_counts, draw_counts = Counter(to_caption), Counter(to_draw)
     bar = tqdm(total=len(caption_counts) + len(draw_counts), desc=name, unit="scene", disable=not progress,
                dynamic_ncols=True, file=sys.stderr)
+    warm = sample_scenes(1, seed, "train")[0]  # one untimed round first: lazy setup is not per-image cost
+    draw(model, caption(warm), seed=seed)
+    describe(model, render(warm), seed=seed)
     right, t0 = 0, time.perf_counter()
     for scene, count in caption_counts.items():
         right += count * (parse_caption(describe(model, render(scene), seed=seed)) == scene)

@@ -90,10 +90,11 @@ def all_finite(t: torch.Tensor, chunk_elements: int = 1 << 22) -> bool:
 
 def build_transformer(config: ModelConfig, state_dict: Mapping[str, torch.Tensor], *, dtype: torch.dtype,
                       device: str | torch.device = "cpu",
-                      modules: Mapping[str, nn.Module] | None = None) -> Transformer:
+                      modules: Mapping[str, nn.Module | None] | None = None) -> Transformer:
     """Instantiate on the meta device, then assign weights (converted to dtype only where needed).
 
-    `modules` replaces whole submodules (for example quantized linears) before weights are assigned.
+    `modules` replaces whole submodules (for example quantized linears) before weights are assigned; None
+    removes one (its weights then live in a stacked module such as `attn.qkv`).
     """
     with torch.device("meta"):
         model = Transformer(config, qk_norm_groups(config, state_dict))

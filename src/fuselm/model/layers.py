@@ -75,6 +75,8 @@ class Attention(nn.Module):
         self.k = nn.Linear(c.hidden_size, c.kv_dim, bias=c.attention_bias)
         self.v = nn.Linear(c.hidden_size, c.kv_dim, bias=c.attention_bias)
         self.o = nn.Linear(c.q_dim, c.hidden_size, bias=c.attention_bias)
+        # A loader may replace q, k and v by one module over their stacked rows (one quantized matmul, not three).
+        self.qkv: nn.Module | None = None
         self.q_norm = self.k_norm = None
         if c.qk_norm:
             qg, kg = qk_norm_groups or (self.n_heads, self.n_kv)
@@ -84,9 +86,14 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None,
                 mask: torch.Tensor | None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k(x).view(B, T, self.n_kv, self.head_dim)
-        v = self.v(x).view(B, T, self.n_kv, self.head_dim)
+        if self.qkv is not None:
+            kv = self.n_kv * self.head_dim
+            q, k, v = self.qkv(x).split([self.n_heads * self.head_dim, kv, kv], dim=-1)
+        else:
+            q, k, v = self.q(x), self.k(x), self.v(x)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv, self.head_dim)
+        v = v.view(B, T, self.n_kv, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -107,8 +114,12 @@ class MLP(nn.Module):
         self.gate = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias) if self.swiglu else None
         self.up = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
         self.down = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
+        self.gate_up: nn.Module | None = None  # like Attention.qkv: gate and up rows stacked in one module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up is not None:
+            gate, up = self.gate_up(x).chunk(2, dim=-1)
+            return self.down(F.silu(gate) * up)
         if self.swiglu:
             return self.down(F.silu(self.gate(x)) * self.up(x))
         return self.down(F.gelu(self.up(x)))
