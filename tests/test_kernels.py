@@ -214,6 +214,28 @@ def test_memory_mapped_weight_is_repacked_once_and_its_pages_dropped(tmp_path):
     assert torch.allclose(qw.dequantize().double(), ref_w)
 
 
+@pytest.mark.parametrize("written", [False, True])
+def test_private_mapping_pages_dropped_only_when_never_written(tmp_path, written):
+    """read_gguf maps files copy-on-write; a written page there is the only copy of its bytes and must stay."""
+    rows, k = 256, 1024
+    data = ggml_quantize(np.random.default_rng(2).standard_normal((rows, k), dtype=np.float32), "Q8_0")
+    path = tmp_path / "w.bin"
+    path.write_bytes(data.tobytes())
+    mm = np.memmap(path, dtype=np.uint8, mode="c", shape=data.shape)
+    if written:
+        mm[0, 2] ^= 1  # one quant byte of the first row, in this process only
+    expected = np.array(mm)
+    assert int(mm.sum()) > 0 and mapping_rss_kb(mm.ctypes.data) >= data.nbytes // 1024 - 8
+    layer = QuantLinear(QuantizedWeight.from_numpy(mm, "Q8_0", (rows, k)))
+    if layer.backend == "native":
+        resident = mapping_rss_kb(mm.ctypes.data)
+        assert (resident >= data.nbytes // 1024 - 8) if written else (resident <= 8)
+    assert np.array_equal(layer.weight.data.numpy(), expected)  # nothing lost either way
+    x = torch.randn(2, k)
+    ref = QuantLinear(QuantizedWeight(torch.from_numpy(expected), "Q8_0", (rows, k)))(x)
+    torch.testing.assert_close(layer(x), ref, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q8_0", "F16"])
 @pytest.mark.parametrize("rows", [(32, 16, 48), (40, 8, 24)])  # whole 16-row tiles, and not
 def test_stacked_parts_equal_separate_layers(qtype, rows):

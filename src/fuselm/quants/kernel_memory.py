@@ -3,8 +3,10 @@
 A weight read from a memory-mapped GGUF is faulted into the process while it is repacked; the repacked copy
 is what the kernels use from then on. `drop_file_pages` tells the kernel (madvise MADV_DONTNEED) that this
 process no longer needs those pages: they leave its resident set and stay in the page cache, and any later
-read (e.g. QuantizedWeight.dequantize) faults them back in from the file. Only read-only or shared file
-mappings are touched, where dropping pages can never lose data; anonymous memory is left alone.
+read (e.g. QuantizedWeight.dequantize) faults them back in from the file. Only file mappings are touched,
+and only where dropping pages can never lose data: read-only or shared mappings, or a private (copy-on-write)
+mapping such as read_gguf's when /proc/self/pagemap shows that no page in the range was ever written (a
+written page is anonymous memory, and would be lost). Anonymous memory is left alone.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ import functools
 import mmap
 import sys
 
+import numpy as np
 import torch
 
 MADV_DONTNEED = 4
+_PAGE_PRESENT, _PAGE_SWAPPED, _PAGE_FILE = 1 << 63, 1 << 62, 1 << 61
 
 
 @functools.cache
@@ -37,9 +41,27 @@ def _file_mapping(start: int, end: int) -> bool:
                 perms, inode = parts[1], parts[4]
                 path = parts[5].strip() if len(parts) > 5 else ""
                 file_backed = inode != "0" and path and not path.startswith("[")
-                safe = "s" in perms or "w" not in perms
-                return bool(file_backed and safe and end <= hi)
+                if not (file_backed and end <= hi):
+                    return False
+                return "s" in perms or "w" not in perms or _never_written(start, end)
     return False
+
+
+def _never_written(start: int, end: int) -> bool:
+    """True when every resident page of [start, end) is still the file's page (none copied on write)."""
+    page = mmap.PAGESIZE
+    try:
+        with open("/proc/self/pagemap", "rb") as f:
+            f.seek(start // page * 8)
+            entries = np.frombuffer(f.read((end - start) // page * 8), dtype=np.uint64)
+    except OSError:
+        return False
+    if entries.size != (end - start) // page:
+        return False
+    present = (entries & np.uint64(_PAGE_PRESENT)) != 0
+    swapped = (entries & np.uint64(_PAGE_SWAPPED)) != 0
+    file_page = (entries & np.uint64(_PAGE_FILE)) != 0
+    return not bool(swapped.any()) and bool(file_page[present].all())
 
 
 def drop_file_pages(t: torch.Tensor) -> bool:

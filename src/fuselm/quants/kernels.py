@@ -210,8 +210,10 @@ class QuantLinear(nn.Module):
             self._w = self._repack()  # what the native kernels read
         elif (self.qtype in DENSE_TYPES and self.backend == "native") or self.qtype == "F32":
             self._w = self._datas[0] if len(parts) == 1 else torch.cat(self._datas)  # rows as they are
-            if len(parts) > 1:
+            if len(parts) > 1:  # the parts become views of the joined rows; their sources can go
                 self._drop_sources()
+                self._datas = list(self._w.split([p.out_features for p in parts]))
+                self.parts = tuple(QuantizedWeight(d, p.qtype, p.shape) for d, p in zip(self._datas, parts))
             if self.qtype == "F32":
                 self._dense[torch.device("cpu")] = self._w.view(torch.float32).view(self.out_features, -1)
 
