@@ -8,7 +8,7 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
   -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON \
   -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF
 
-.PHONY: demo test install install-test lint bench clean
+.PHONY: demo test install install-test lint bench clean screenshot
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -45,6 +45,14 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -n 2 tests
+
+# README's picture of the demo page. Needs a Chromium (Debian: apt-get install chromium); not part of demo/test.
+CHROMIUM ?= chromium
+screenshot: $(VENV)/.installed
+	$(BIN)/fuselm demo --out demo-out
+	$(CHROMIUM) --headless --no-sandbox --disable-gpu --disable-background-networking --disable-component-update \
+	  --no-first-run --hide-scrollbars --user-data-dir=$$(mktemp -d) --window-size=960,1400 \
+	  --screenshot=$(CURDIR)/docs/demo.png file://$(CURDIR)/demo-out/demo.html
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check src tests benchmarks

@@ -116,3 +116,14 @@ def test_training_is_reproducible_from_the_seed(tmp_path):
     m = load(a.parent)
     assert m.config.hidden_size == 32 and m.image_tokenizer.vqgan.config.num_embeddings == 32
     assert "## Time" in (a.parent / "TRAINING.md").read_text()
+
+
+def test_demo_actions_parse_as_the_issue_spells_them():
+    from fuselm.cli import build_parser
+    from fuselm.commands.demo_cmds import cmd_train_demo
+
+    args = build_parser().parse_args(["demo", "train", "--seed", "3", "--out-dir", "x"])
+    assert args.func is cmd_train_demo and args.seed == 3 and args.out_dir == "x"
+    args = build_parser().parse_args(["demo", "--out", "pages"])
+    assert args.demo_action is None and args.out == "pages"
+    assert build_parser().parse_args(["demo", "eval", "--n", "5"]).n == 5

@@ -289,3 +289,24 @@ def test_set_threads_keeps_results():
         set_threads(before)
     with pytest.raises(FuselmError):
         set_threads(0)
+
+
+@pytest.mark.parametrize("backend", ["native", "torch", "dense"])
+def test_row_order_equals_reordered_bytes(backend):
+    """A weight given as file bytes plus a row order (GGUF q/k rows) computes as the reordered copy would."""
+    if backend == "native" and native_library() is None:
+        pytest.fail("native kernels missing: test_native_kernels_build_here says why")
+    k, rows = 512, 600  # 600: more than one gather step, and not whole tiles
+    data = torch.from_numpy(ggml_quantize(np.random.default_rng(4).standard_normal((rows, k), dtype=np.float32),
+                                          "Q4_K"))
+    order = torch.randperm(rows, generator=torch.Generator().manual_seed(0))
+    ordered = QuantizedWeight(data, "Q4_K", (rows, k), order)
+    copy = QuantizedWeight(data[order].contiguous(), "Q4_K", (rows, k))
+    assert torch.equal(ordered.dequantize(), copy.dequantize())
+    other = QuantizedWeight(data[:64].contiguous(), "Q4_K", (64, k))
+    x = torch.randn(5, k)
+    y = QuantLinear([ordered, other], backend=backend)(x)
+    torch.testing.assert_close(y, QuantLinear([copy, other], backend=backend)(x), rtol=0, atol=0)
+    assert torch.equal(QuantLinear([ordered, other], backend=backend).weight.data, torch.cat([copy.data, other.data]))
+    with pytest.raises(FuselmError, match="permutation"):
+        QuantizedWeight(data, "Q4_K", (rows, k), torch.zeros(rows, dtype=torch.int64))

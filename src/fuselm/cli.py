@@ -156,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo-out", help="output directory (default demo-out)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
+    from .commands import demo_cmds
+
+    demo_cmds.register_actions(p.add_subparsers(dest="demo_action", metavar="ACTION",
+                                                title="actions (without one: run the demo)"))
 
     for register in _extra_commands():
         register(sub)

@@ -77,17 +77,21 @@ def load_gguf(path: Path, *, dtype=None, device: str = "cpu", rope_scaling: dict
             tensors[name] = torch.from_numpy(t.data.view(np.uint8)).reshape(rows, -1)
         else:
             tensors[name] = t.to_torch()
-    state = archs.gguf_to_internal(config, tensors, source=str(path))
-    qtypes = {}
+    # q/k rows that llama.cpp stores in its rope order go through the conversion as row indices, not bytes:
+    # the kernels' repack reads the file's rows in the model's order (no reordered copy of them is kept).
+    reordered = _reordered_rows(config, tensors, as_bytes)
+    state = archs.gguf_to_internal(config, {**tensors, **reordered}, source=str(path))
+    qtypes, row_orders = {}, {}
     for name in state:
         gname = archs.gguf_tensor_name(config, name)
+        if gname in reordered:
+            row_orders[name] = state[name][:, 0].contiguous()
+            state[name] = tensors[gname]
         if gname in as_bytes:
             qtypes[name] = gf.tensors[gname].type_name
-            if not dequantize_all and state[name].data_ptr() != tensors[gname].data_ptr():
-                drop_file_pages(tensors[gname])  # copied (q/k rows reordered): the file's pages were read once
     target = parse_dtype(dtype) or (torch.bfloat16 if qtypes else _plain_dtype(state))
     # Quantized weights become modules (their byte shapes are checked by QuantizedWeight against the config).
-    modules, consumed = _quantized_modules(config, state, qtypes, target, dense=dequantize_all)
+    modules, consumed = _quantized_modules(config, state, qtypes, row_orders, target, dense=dequantize_all)
     state = check_state_dict(config, state, str(path), lambda n: archs.gguf_tensor_name(config, n),
                              provided=consumed)
     if modules and not dequantize_all:
@@ -100,6 +104,19 @@ def load_gguf(path: Path, *, dtype=None, device: str = "cpu", rope_scaling: dict
                  file_type=file_type)
 
 
+def _reordered_rows(config, tensors: dict[str, torch.Tensor], as_bytes: set[str]) -> dict[str, torch.Tensor]:
+    """{gguf name: int64 [rows, 1] row indices} for the byte tensors whose rows the conversion reorders."""
+    if not archs.GGUF_PERMUTES_QK[config.arch]:
+        return {}
+    out = {}
+    for layer in range(config.num_hidden_layers):
+        for part in "qk":
+            gname = archs.gguf_tensor_name(config, f"layers.{layer}.attn.{part}.weight")
+            if gname in as_bytes and gname in tensors:
+                out[gname] = torch.arange(tensors[gname].shape[0]).unsqueeze(1)
+    return out
+
+
 def _native() -> bool:
     from .quants.kernel_build import native_library
 
@@ -109,14 +126,14 @@ def _native() -> bool:
 STACKS = {"attn.qkv": ("attn.q", "attn.k", "attn.v"), "mlp.gate_up": ("mlp.gate", "mlp.up")}
 
 
-def _quantized_modules(config, state: dict[str, torch.Tensor], qtypes: dict[str, str], dtype: torch.dtype, *,
+def _quantized_modules(config, state: dict[str, torch.Tensor], qtypes: dict[str, str],
+                       row_orders: dict[str, torch.Tensor], dtype: torch.dtype, *,
                        dense: bool) -> tuple[dict[str, torch.nn.Module | None], set[str]]:
     """QuantLinear / QuantizedEmbedding modules for every quantized weight, and the state-dict names they took
-    (removed from `state`). dense: dequantize into `state` instead.
+    (removed from `state`). dense: dequantize into `state` instead. row_orders: see QuantizedWeight.row_order.
 
     A layer's q/k/v (and gate/up) of one type become one QuantLinear over their stacked rows: one kernel call
     instead of three, which saves the fixed per-call cost and keeps the memory stream long."""
-    from .quants import dequantize
     from .quants.embedding import QuantizedEmbedding
     from .quants.kernels import QuantLinear
     from .quants.tensor import QuantizedWeight
@@ -128,9 +145,9 @@ def _quantized_modules(config, state: dict[str, torch.Tensor], qtypes: dict[str,
         if shape is None or len(shape) != 2:
             raise FuselmError(f"tensor {archs.gguf_tensor_name(config, name)!r} is quantized ({qtype}) but is not "
                               "a 2-D weight of this model")
-        weight = QuantizedWeight(state[name].contiguous(), qtype, shape)
+        weight = QuantizedWeight(state[name].contiguous(), qtype, shape, row_orders.get(name))
         if dense:
-            state[name] = dequantize(weight.data, qtype, shape)
+            state[name] = weight.dequantize()
         else:
             weights[name[: -len(".weight")]] = weight
     modules: dict[str, torch.nn.Module | None] = {}

@@ -1,4 +1,5 @@
-"""`fuselm train-demo` and `fuselm eval-demo`: train the bundled demo model, and measure its quality."""
+"""`fuselm demo train` and `fuselm demo eval` (also spelled `train-demo`, `eval-demo`): train the bundled demo
+model, and measure its quality."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ The step counts are fixed, so the same seed gives the same weights on the same m
 (2 threads). --minutes only stops a run that would take longer, and TRAINING.md then says so.
 
 examples:
-  fuselm train-demo --seed 0                      replace the shipped model (src/fuselm/demo/weights/)
-  fuselm train-demo --out-dir /tmp/demo-model     train elsewhere; load it with fuselm.load('/tmp/demo-model')
+  fuselm demo train --seed 0                      replace the shipped model (src/fuselm/demo/weights/)
+  fuselm demo train --out-dir /tmp/demo-model     train elsewhere; load it with fuselm.load('/tmp/demo-model')
 """
 
 
@@ -29,8 +30,8 @@ def cmd_train_demo(args) -> int:
     return 0
 
 
-def register(sub) -> None:
-    p = sub.add_parser("train-demo", help="train the bundled demo model (CPU, about 10-20 minutes on 2 cores)",
+def _train_parser(sub, name: str) -> None:
+    p = sub.add_parser(name, help="train the bundled demo model (CPU, about 8-20 minutes on 2 cores)",
                        description=HELP_TRAIN, formatter_class=RAW)
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--out-dir", default=None, help="output directory (default: the shipped src/fuselm/demo/weights)")
@@ -38,9 +39,23 @@ def register(sub) -> None:
                    help="stop the decoder's training early after this many minutes in all (default 60)")
     p.set_defaults(func=cmd_train_demo)
 
+
+def _eval_parser(sub, name: str) -> None:
     from ..evals import demo_quality
 
-    p = sub.add_parser("eval-demo", help="the demo model's quality table (captioning, drawing, quantizations)",
+    p = sub.add_parser(name, help="the demo model's quality table (captioning, drawing, quantizations)",
                        description=demo_quality.DESCRIPTION, formatter_class=RAW)
     demo_quality.add_arguments(p)
     p.set_defaults(func=demo_quality.run)
+
+
+def register_actions(sub) -> None:
+    """`fuselm demo train` and `fuselm demo eval`."""
+    _train_parser(sub, "train")
+    _eval_parser(sub, "eval")
+
+
+def register(sub) -> None:
+    """The same as top-level commands: `fuselm train-demo`, `fuselm eval-demo`."""
+    _train_parser(sub, "train-demo")
+    _eval_parser(sub, "eval-demo")

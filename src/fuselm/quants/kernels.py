@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -187,7 +188,6 @@ class QuantLinear(nn.Module):
         for p in parts:
             if p.data.device.type != "cpu":
                 raise FuselmError(f"QuantLinear: weight bytes must be on the CPU, got {p.data.device}")
-        self.parts = parts
         self.qtype = parts[0].qtype
         self.in_features = parts[0].in_features
         self.out_features = sum(p.out_features for p in parts)
@@ -201,12 +201,16 @@ class QuantLinear(nn.Module):
                 raise FuselmError(f"QuantLinear bias: expected shape ({self.out_features},), got {tuple(bias.shape)}")
             bias = bias.detach().to("cpu", torch.float32).contiguous()
         self.bias = bias  # a plain attribute, not a buffer: module.to(dtype) must not change what the kernels read
-        # contiguous views (the usual case, also for an mmap) are used in place, anything else is copied once
-        self._datas = [p.data if p.data.is_contiguous() else p.data.contiguous() for p in parts]
+        # contiguous views (the usual case, also for an mmap) are used in place, anything else is copied once;
+        # a row order is kept only where the repack applies it, elsewhere the rows are put in order now
+        packed = self.backend == "native" and self.qtype in _PACKED_TYPES
+        parts = tuple(p if packed else p.in_order() for p in parts)
+        self.parts = tuple(p if p.data.is_contiguous() else replace(p, data=p.data.contiguous()) for p in parts)
+        self._datas = [p.data for p in self.parts]
         self._type_id = NATIVE_TYPES.get(self.qtype, -1)
         self._dense: dict[torch.device, torch.Tensor] = {}
         self._w: torch.Tensor | None = None
-        if self.backend == "native" and self.qtype in _PACKED_TYPES:
+        if packed:
             self._w = self._repack()  # what the native kernels read
         elif (self.qtype in DENSE_TYPES and self.backend == "native") or self.qtype == "F32":
             self._w = self._datas[0] if len(parts) == 1 else torch.cat(self._datas)  # rows as they are
@@ -221,7 +225,8 @@ class QuantLinear(nn.Module):
     def weight(self) -> QuantizedWeight:
         if len(self.parts) == 1:
             return self.parts[0]
-        return QuantizedWeight(torch.cat(self._datas), self.qtype, (self.out_features, self.in_features))
+        rows = torch.cat([p.in_order().data for p in self.parts])
+        return QuantizedWeight(rows, self.qtype, (self.out_features, self.in_features))
 
     def _drop_sources(self) -> None:
         for data in self._datas:
@@ -232,27 +237,36 @@ class QuantLinear(nn.Module):
         tile = lib.fq_tile_rows()
         row_bytes = self._datas[0].shape[1]
         packed = torch.empty(-(-self.out_features // tile) * tile * row_bytes, dtype=torch.uint8)
-        # parts whose row counts are whole tiles are repacked side by side; otherwise from a joined copy
-        datas = self._datas if all(d.shape[0] % tile == 0 for d in self._datas[:-1]) else [torch.cat(self._datas)]
-        row0 = 0
-        for data in datas:
-            rows = data.shape[0]
+
+        def repack_into(row0: int, rows: torch.Tensor) -> None:
             dst = packed[row0 * row_bytes :]
-            rc = lib.fq_repack(self._type_id, data.data_ptr(), rows, self.in_features, dst.data_ptr())
+            rc = lib.fq_repack(self._type_id, rows.data_ptr(), rows.shape[0], self.in_features, dst.data_ptr())
             if rc != 0:
                 raise FuselmError(f"QuantLinear: native repack failed for {self.qtype} (code {rc})")
-            row0 += rows
+
+        if any(p.out_features % tile for p in self.parts[:-1]):  # parts not in whole tiles: from a joined copy
+            repack_into(0, torch.cat([p.in_order().data for p in self.parts]))
+        else:
+            row0 = 0
+            for p in self.parts:
+                if p.row_order is None:
+                    repack_into(row0, p.data)
+                else:  # reordered rows, gathered a few tiles at a time (no full reordered copy)
+                    step = 16 * tile
+                    for r in range(0, p.out_features, step):
+                        repack_into(row0 + r, p.rows(r, min(p.out_features, r + step)))
+                row0 += p.out_features
         self._drop_sources()
         return packed
 
     def _dequantize_rows(self, r0: int, r1: int) -> torch.Tensor:
         """float32 [r1 - r0, in_features] of the stacked parts, from their ggml bytes."""
         pieces, p0 = [], 0
-        for data in self._datas:
-            a, b = max(r0, p0), min(r1, p0 + data.shape[0])
+        for p in self.parts:
+            a, b = max(r0, p0), min(r1, p0 + p.out_features)
             if a < b:
-                pieces.append(dequantize(data[a - p0 : b - p0], self.qtype, (b - a, self.in_features)))
-            p0 += data.shape[0]
+                pieces.append(dequantize(p.rows(a - p0, b - p0), self.qtype, (b - a, self.in_features)))
+            p0 += p.out_features
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
     def extra_repr(self) -> str:

@@ -20,11 +20,15 @@ class QuantizedWeight:
     data:  uint8 [out_features, row_bytes], ggml's bytes for each row (may be a view of a memory-mapped file)
     qtype: GGML type name ("Q4_K", "Q8_0", "F16", ...)
     shape: (out_features, in_features) of the float weight
+    row_order: optional int64 [out_features]: weight row i is data[row_order[i]]. A GGUF's q/k rows are stored
+           in llama.cpp's rope order; with this the file's bytes are used as they are and the repack reads them
+           in the model's order, instead of a reordered copy of them living beside the repacked tiles.
     """
 
     data: torch.Tensor
     qtype: str
     shape: tuple[int, int]
+    row_order: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         t = ggml_type(self.qtype)  # FuselmError for unknown types
@@ -41,6 +45,22 @@ class QuantizedWeight:
             raise FuselmError(
                 f"{t.name} weight {self.shape}: expected data of shape {expected}, got {tuple(self.data.shape)}"
             )
+        order = self.row_order
+        if order is not None and (order.dtype != torch.int64 or tuple(order.shape) != (rows,)
+                                  or not torch.equal(order.sort().values, torch.arange(rows))):
+            raise FuselmError(f"{t.name} weight {self.shape}: row_order must be a permutation of range({rows})")
+
+    def rows(self, start: int, end: int) -> torch.Tensor:
+        """GGML bytes of weight rows [start, end), in the weight's order (a copy when reordered)."""
+        if self.row_order is None:
+            return self.data[start:end]
+        return self.data.index_select(0, self.row_order[start:end])
+
+    def in_order(self) -> QuantizedWeight:
+        """The same weight with its bytes in row order (itself when already so; otherwise a copy)."""
+        if self.row_order is None:
+            return self
+        return QuantizedWeight(self.rows(0, self.shape[0]), self.qtype, self.shape)
 
     @classmethod
     def from_numpy(cls, array: np.ndarray, qtype: str, shape: tuple[int, int]) -> QuantizedWeight:
@@ -71,4 +91,4 @@ class QuantizedWeight:
 
     def dequantize(self) -> torch.Tensor:
         """float32 [out_features, in_features], exactly as ggml / gguf-py dequantize."""
-        return dequantize(self.data, self.qtype, self.shape)
+        return dequantize(self.rows(0, self.shape[0]), self.qtype, self.shape)
