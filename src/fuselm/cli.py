@@ -21,6 +21,7 @@ examples:
   fuselm generate ./Llama-3.2-1B -p "The capital of France is" --temperature 0
   fuselm chat ./model-dir
   fuselm inspect model.gguf -v
+  fuselm serve model.gguf --port 8080            OpenAI-style HTTP endpoints, plus /v1/generate for pictures
 """
 
 

@@ -1,5 +1,6 @@
 """Subcommands that live next to their library code. Each module has register(subparsers)."""
 
-from . import bench, demo_cmds, evals, quantize, transforms
+from . import bench, demo_cmds, evals, quantize, serve, transforms
 
-REGISTRY: list = [quantize.register, transforms.register, bench.register, evals.register, demo_cmds.register]
+REGISTRY: list = [quantize.register, transforms.register, bench.register, evals.register, demo_cmds.register,
+                  serve.register]

@@ -1,4 +1,4 @@
-"""`fuselm train-demo`: train the bundled demo model on the picture world, on the CPU, from a seed.
+"""`fuselm demo train`: train the bundled demo model on the picture world, on the CPU, from a seed.
 
 Two models, both the project's own classes:
 1. a small VQGAN of Chameleon's architecture (fuselm.vision.VQGAN), trained as a VQ-VAE: L1 + L2 reconstruction,
@@ -538,7 +538,7 @@ def training_note(log: TrainingLog, files: dict[str, int]) -> str:
     lines = [
         "# The bundled demo model",
         "",
-        "Trained by `fuselm train-demo --seed {}` (src/fuselm/demo/train.py) on {} with {} torch threads, "
+        "Trained by `fuselm demo train --seed {}` (src/fuselm/demo/train.py) on {} with {} torch threads, "
         "torch {}.".format(r.seed, platform.machine() or "this CPU", r.threads, torch.__version__),
         "Reproducible from the seed on the same machine type and thread count (float results depend on the "
         "kernels the CPU selects).",
