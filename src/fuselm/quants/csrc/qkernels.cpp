@@ -650,9 +650,12 @@ void gemv_groups(const uint8_t* W, int64_t g0, int64_t g1, int64_t K, const Act&
         for (int m = 0; m < MR; m++) acc[m] = accm[m] = _mm512_setzero_ps();
         for (int64_t b = 0; b < nb; b++, tile += R * T::BS) {
             const int64_t k0 = b * T::QK;
-            // the next tile into L2: keeps more DRAM reads in flight than the hardware prefetcher alone
-            // (measured +20% on 2 cores); prefetches past the end of the buffer are harmless
-            for (int i = 0; i < R * T::BS; i += 64) _mm_prefetch((const char*)tile + R * T::BS + i, _MM_HINT_T1);
+            // a tile's worth of lines at least 16 KiB ahead into L2: keeps more DRAM reads in flight than the
+            // hardware prefetcher alone. Measured on the 22-layer TinyLlama shape, 2 cores, against the next tile
+            // only: Q4_0 decode +37%, Q8_0 +21%, Q4_K_M even (8 and 32 KiB were slower). Prefetches past the end
+            // of the buffer are harmless.
+            constexpr int64_t ahead = std::max<int64_t>(R * T::BS, 16384);
+            for (int i = 0; i < R * T::BS; i += 64) _mm_prefetch((const char*)tile + ahead + i, _MM_HINT_T1);
             for (int m = 0; m < MR; m++)
                 for (int p = 0; p < P; p++) ah[m][p] = al[m][p] = _mm512_setzero_si512();
             T::visit(
