@@ -188,8 +188,9 @@ def write_page(out: Path, sections: list[Section], model) -> Path:
              "<h1>fuselm demo</h1>",
              f"<p>A tiny Chameleon-architecture model ({model.num_parameters():,} parameters, "
              f"{html.escape(model.file_type)}) trained by fuselm on a procedural picture world. "
-             "It reads and writes text and pictures as one token stream. Every scene below is a combination the "
-             "model never saw in training; pictures are judged by a non-learned checker.</p>"]
+             "It reads and writes text and pictures as one token stream. The scenes asked for in 1 and 2 are "
+             "combinations the model never saw in training (in 3 it picks its own); pictures are judged by a "
+             "non-learned checker.</p>"]
     for i, s in enumerate(sections, 1):
         lines += ["<section>", f"<h2>{html.escape(s.title)}</h2>", '<div class="row">',
                   "<div><h3>prompt</h3>", *_html_parts(s.prompt, out, f"demo-{i}-prompt"), "</div>",
