@@ -374,6 +374,8 @@ def test_document_without_decoder_and_atomicity(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.html", "x.md"]  # no temporary files left
     with pytest.raises(FuselmError, match="must end in .html"):
         write_document(["a"], tmp_path / "x.txt")
+    nested = write_document(["a"], tmp_path / "new" / "dir" / "y.html")  # missing folders are made
+    assert nested.read_text().count("<article>") == 1 and (tmp_path / "new" / "dir" / "y.md").is_file()
 
 
 # ---- options and bad input ------------------------------------------------------------------------------

@@ -59,18 +59,25 @@ def document_parts(items: Iterable) -> list[Part]:
     return parts
 
 
+def document_path(out_path: str | Path) -> Path:
+    """The HTML path for an output name (.html/.htm, or .md with the HTML beside it); an error for anything else."""
+    out_path = Path(out_path)
+    if out_path.suffix.lower() not in (".html", ".htm", ".md"):
+        raise FuselmError(f"{out_path}: the document must end in .html (a .md file is written beside it)")
+    return out_path if out_path.suffix.lower() != ".md" else out_path.with_suffix(".html")
+
+
 def write_document(events_or_parts: Iterable, out_path: str | Path, *, prompt=None, title: str | None = None) -> Path:
     """Write `out_path` (.html; .md beside it) and the PNGs; returns the HTML path.
 
     prompt: optional string or list of strings and PIL images, shown above the generation.
     """
-    out_path = Path(out_path)
-    if out_path.suffix.lower() not in (".html", ".htm", ".md"):
-        raise FuselmError(f"{out_path}: the document must end in .html (a .md file is written beside it)")
-    html_path = out_path if out_path.suffix.lower() != ".md" else out_path.with_suffix(".html")
+    html_path = document_path(out_path)
     md_path = html_path.with_suffix(".md")
-    if not html_path.parent.is_dir():
-        raise FuselmError(f"{html_path.parent}: no such directory")
+    try:
+        html_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise FuselmError(f"{html_path.parent}: cannot create the output folder ({err.strerror})") from None
     stem = html_path.stem
     body = _named(document_parts(events_or_parts), f"{stem}-")
     asked = _named(document_parts([prompt] if isinstance(prompt, str) else (prompt or [])), f"{stem}-prompt-")

@@ -48,6 +48,10 @@ def stream_to_terminal(events, *, collect: list | None = None):
 
 def run_generation(model, prompt: str, *, images: str = "off", image_paths: list[str] = (), out: str | None = None,
                    **options) -> int:
+    if out:
+        from .document import document_path
+
+        document_path(out)  # a bad name fails now, not after the generation
     parts: list = [prompt]
     if image_paths:
         if model.image_tokenizer is None:
