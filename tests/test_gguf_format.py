@@ -551,3 +551,28 @@ def test_tokenizer_to_gguf_layout():
     weird.pre_tokenizer = pre_tokenizers.Split(Regex(r"\d"), behavior="isolated")
     with pytest.raises(FuselmError, match="pre=NAME"):
         tokenizer_to_gguf(weird, 400)
+
+
+def test_gguf_to_hf_rebuilds_the_tokenizer_from_metadata(tmp_path):
+    """A llama.cpp-style GGUF (vocab only in tokenizer.ggml.*) written out as an HF directory gets a tokenizer.json
+    that encodes llama.cpp's own test vectors."""
+    _require_sdist()
+    from fuselm import load
+    from fuselm.cli import main as cli_main
+    from fuselm.model.transformer import Transformer
+
+    meta = {k: v for k, v in read_gguf(VOCABS / "ggml-vocab-llama-spm.gguf").metadata.items()
+            if k.startswith("tokenizer.")}
+    config = ModelConfig(arch="llama", vocab_size=len(meta["tokenizer.ggml.tokens"]), hidden_size=32,
+                         intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                         head_dim=16, max_position_embeddings=64, bos_token_id=1, eos_token_ids=(2,))
+    state = {k: (torch.randn(v.shape) * 0.02 if v.ndim == 2 else torch.ones(v.shape))
+             for k, v in Transformer(config).state_dict().items()}
+    tensors = {n: (t, "F32") for n, t in archs.internal_to_gguf(config, state).items()}
+    write_gguf(tmp_path / "m.gguf", config, tensors, tokenizer=meta, progress=False)
+    assert cli_main(["flashify", str(tmp_path / "m.gguf"), str(tmp_path / "hf")]) == 0
+    tok = load(tmp_path / "hf").tokenizer
+    texts, expected = vocab_cases("llama-spm")
+    for text, ids in list(zip(texts, expected))[:20]:
+        assert tok.encode(text, add_special_tokens=False) == ids, repr(text)
+    assert tok.bos_id == 1 and tok.eos_id == 2

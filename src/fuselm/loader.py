@@ -115,9 +115,9 @@ def load_meta(directory: Path, *, dtype=None, device="cpu", rope_scaling: dict |
     return Model(transformer, tokenizer, image_tokenizer=image_tokenizer, source=str(directory), file_type="meta")
 
 
-def load(path: str | Path | None = None, *, dtype=None, device: str = "cpu",
-         rope_scaling: dict | None = None) -> Model:
-    """Load an HF directory, a .gguf file, a Meta Chameleon checkpoint directory, or "demo" (the bundled model)."""
+def resolve_model_path(path: str | Path | None) -> Path:
+    """What a model argument names: "demo" (or None) is the bundled model; a folder holding exactly one model
+    .gguf (besides its -vqgan companion) and no config.json is that file. Errors name the path."""
     if path is None or str(path) == "demo":
         path = DEMO_DIR
     path = Path(path)
@@ -128,6 +128,13 @@ def load(path: str | Path | None = None, *, dtype=None, device: str = "cpu",
         if len(ggufs) != 1:
             raise FuselmError(f"{path}: expected exactly one model .gguf file, found {[p.name for p in ggufs]}")
         path = ggufs[0]
+    return path
+
+
+def load(path: str | Path | None = None, *, dtype=None, device: str = "cpu",
+         rope_scaling: dict | None = None) -> Model:
+    """Load an HF directory, a .gguf file, a Meta Chameleon checkpoint directory, or "demo" (the bundled model)."""
+    path = resolve_model_path(path)
     if path.is_file() and path.suffix == ".gguf":
         from .loader_gguf import load_gguf
 

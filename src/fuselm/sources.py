@@ -31,7 +31,9 @@ class ModelSource:
 
 
 def read_source(src: str | Path, *, check: bool = True) -> ModelSource:
-    src = Path(src)
+    from .loader import resolve_model_path
+
+    src = resolve_model_path(src)
     if src.is_file() and src.suffix == ".gguf":
         return _read_gguf(src, check)
     if hf_format.is_hf_dir(src):

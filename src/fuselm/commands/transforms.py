@@ -41,10 +41,38 @@ def write_model(out: Path, fmt: str, config: ModelConfig, state: dict[str, torch
         vq_config, vq_state = source.vqgan
         tensors.update({f"model.vqmodel.{k}": v for k, v in vq_state.items()})
         cfg["vq_config"] = vq_config
-    hf_format.write_hf_dir(out, cfg, tensors, copy_tokenizer_from=source.path if source.kind == "hf" else None)
-    for name, text in (extra_files or {}).items():
+    copy_from = source.path if source.kind == "hf" else None
+    extra_files = dict(extra_files or {})
+    if source.kind == "gguf":
+        if source.path.with_name("tokenizer.json").is_file():  # the exact HF tokenizer travels beside the GGUF
+            copy_from = source.path.parent
+        elif source.tokenizer:
+            extra_files = {**_tokenizer_files_from_gguf(source), **extra_files}
+    hf_format.write_hf_dir(out, cfg, tensors, copy_tokenizer_from=copy_from)
+    for name, text in extra_files.items():
         (out / name).write_text(text, encoding="utf-8")
     return out
+
+
+def _tokenizer_files_from_gguf(source: ModelSource) -> dict[str, str]:
+    """tokenizer.json and tokenizer_config.json rebuilt from a GGUF's tokenizer.ggml.* metadata."""
+    import json
+
+    from ..formats.gguf_vocab import tokenizer_from_gguf
+
+    meta = source.tokenizer
+    backend = tokenizer_from_gguf(meta, source=str(source.path))
+    tokens = meta.get("tokenizer.ggml.tokens") or []
+
+    def name(key: str) -> str | None:
+        i = meta.get(key)
+        return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
+
+    config = {"bos_token": name("tokenizer.ggml.bos_token_id"), "eos_token": name("tokenizer.ggml.eos_token_id"),
+              "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False))}
+    if source.chat_template:
+        config["chat_template"] = source.chat_template
+    return {"tokenizer.json": backend.to_str(), "tokenizer_config.json": json.dumps(config, indent=2)}
 
 
 def _default_format(out: str) -> str:

@@ -426,8 +426,10 @@ def _write_atomically(path: str | os.PathLike, arch: str, metadata: Mapping[str,
                       progress: bool) -> Path:
     """Write to a hidden temporary file beside `path`, then rename: a killed run never leaves a partial `path`."""
     path = Path(path)
-    if not path.parent.is_dir():
-        raise FuselmError(f"{path}: directory {path.parent} does not exist")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise FuselmError(f"{path}: cannot create its folder {path.parent} ({err.strerror})") from None
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
     writer = gguf.GGUFWriter(tmp, arch)
     try:
