@@ -310,3 +310,37 @@ def test_row_order_equals_reordered_bytes(backend):
     assert torch.equal(QuantLinear([ordered, other], backend=backend).weight.data, torch.cat([copy.data, other.data]))
     with pytest.raises(FuselmError, match="permutation"):
         QuantizedWeight(data, "Q4_K", (rows, k), torch.zeros(rows, dtype=torch.int64))
+
+
+def smaps_fields(addr: int) -> dict[str, int]:
+    """/proc/self/smaps fields (kB or flags) of the mapping that holds addr."""
+    fields, inside = {}, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            parts = line.split()
+            if "-" in parts[0] and len(parts) >= 5 and not parts[0].endswith(":"):
+                lo, hi = (int(v, 16) for v in parts[0].split("-"))
+                inside = lo <= addr < hi
+            elif inside and parts[0].endswith(":") and len(parts) >= 2 and parts[1].isdigit():
+                fields[parts[0][:-1]] = int(parts[1])
+    return fields
+
+
+def test_weights_live_in_huge_page_memory():
+    """Repacked tiles start on a 2 MiB boundary and are advised huge pages; where the kernel's THP mode allows
+    advice (madvise or always), the mapping is eligible and the touched pages are huge."""
+    from fuselm.quants.kernel_memory import HUGE_PAGE, huge_page_buffer
+
+    buf = huge_page_buffer(3 * HUGE_PAGE + 100)
+    assert buf.numel() == 3 * HUGE_PAGE + 100 and buf.data_ptr() % HUGE_PAGE == 0
+    buf.fill_(7)
+    assert int(buf.sum()) == 7 * buf.numel()
+    mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    if "[never]" not in mode:
+        fields = smaps_fields(buf.data_ptr())
+        assert fields.get("THPeligible") == 1, fields
+    if native_library() is not None:
+        rows, k = 4096, 512  # 2.1 MiB of Q8_0 (smaller weights get plain memory)
+        data = ggml_quantize(np.random.default_rng(5).standard_normal((rows, k), dtype=np.float32), "Q8_0")
+        layer = QuantLinear(QuantizedWeight(torch.from_numpy(data), "Q8_0", (rows, k)))
+        assert layer._w.data_ptr() % HUGE_PAGE == 0

@@ -3,16 +3,18 @@
 Paths:
 - CPU "native" (x86-64 with AVX-512 VNNI/VBMI; csrc/qkernels.cpp through ctypes, see kernel_build.py).
   At construction the ggml bytes are repacked once into 16-row interleaved tiles of the same size (rows
-  padded to a multiple of 16). When the source is a memory-mapped file its pages are then dropped from the
-  resident set, so resident memory stays at the file size (plus at most 15 padding rows).
+  padded to a multiple of 16), in huge-page memory (kernel_memory.huge_page_buffer). When the source is a
+  memory-mapped file its pages are then dropped from the resident set, so resident memory stays at the file
+  size (plus at most 15 padding rows).
   - decode, M <= DECODE_MAX_ROWS activation rows: integer-code GEMV with 16-bit activations.
     Error vs float64 `x @ dequantize(W).T`: ~2e-5 of max |y| (bound 1e-4): activations rounded to 2^-16 of
     each 32-block's max |x|, float32 accumulation. llama.cpp rounds activations to 8 bits (~100x coarser).
   - prefill, more rows: weights decoded to fp16 in row tiles, then an fp16 GEMM (oneDNN), output in fp16.
     Error: fp16 rounding of weights, activations and outputs, ~4e-4 of max |y| (bound 4e-3). Where fp16 would
     overflow (|x| >= 6e4 or an infinite output) the same runs in bf16 (~4e-3, bound 2e-2).
-  F16/BF16 weights are used in place (no repack): an exact float32 GEMV for decode, the fp16 (F16) or bf16
-  (BF16) GEMM on the rows as they are for prefill. F32: torch F.linear on the bytes viewed as float32.
+  F16/BF16 rows are not repacked, only copied once into huge-page memory: an exact float32 GEMV for decode,
+  the fp16 (F16) or bf16 (BF16) GEMM on the rows as they are for prefill. F32: torch F.linear on the bytes
+  viewed as float32.
 - CPU "torch": machines without the kernels, or types they lack (IQ4_XS): row tiles dequantized to float32
   on every call, then F.linear. Exact, slow; memory stays at the file size plus one tile.
 - "dense", and any non-CPU input (CUDA): the weight is dequantized once onto the input's device (bf16 on
@@ -38,7 +40,7 @@ from fuselm.errors import FuselmError
 from fuselm.quants.codecs import dequantize
 from fuselm.quants.ggml_types import ggml_type
 from fuselm.quants.kernel_build import native_library
-from fuselm.quants.kernel_memory import drop_file_pages
+from fuselm.quants.kernel_memory import drop_file_pages, huge_page_buffer
 from fuselm.quants.tensor import QuantizedWeight
 
 _PACKED_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL")
@@ -204,7 +206,12 @@ class QuantLinear(nn.Module):
         # contiguous views (the usual case, also for an mmap) are used in place, anything else is copied once;
         # a row order is kept only where the repack applies it, elsewhere the rows are put in order now
         packed = self.backend == "native" and self.qtype in _PACKED_TYPES
-        parts = tuple(p if packed else p.in_order() for p in parts)
+        if not packed and any(p.row_order is not None for p in parts):
+            ordered = tuple(p.in_order() for p in parts)
+            for p in parts:
+                if p.row_order is not None:
+                    drop_file_pages(p.data)  # read once into its reordered copy
+            parts = ordered
         self.parts = tuple(p if p.data.is_contiguous() else replace(p, data=p.data.contiguous()) for p in parts)
         self._datas = [p.data for p in self.parts]
         self._type_id = NATIVE_TYPES.get(self.qtype, -1)
@@ -212,14 +219,18 @@ class QuantLinear(nn.Module):
         self._w: torch.Tensor | None = None
         if packed:
             self._w = self._repack()  # what the native kernels read
-        elif (self.qtype in DENSE_TYPES and self.backend == "native") or self.qtype == "F32":
+        elif self.qtype in DENSE_TYPES and self.backend == "native":
+            # 16-bit rows as they are, copied once into huge-page memory (faster to stream than the file's
+            # mapping) and joined when stacked; the parts become views of the copy and the sources can go
+            joined = huge_page_buffer(sum(d.numel() for d in self._datas)).view(self.out_features, -1)
+            torch.cat(self._datas, out=joined) if len(self._datas) > 1 else joined.copy_(self._datas[0])
+            self._drop_sources()
+            self._w = joined
+            self._datas = list(joined.split([p.out_features for p in parts]))
+            self.parts = tuple(QuantizedWeight(d, p.qtype, p.shape) for d, p in zip(self._datas, parts))
+        elif self.qtype == "F32":
             self._w = self._datas[0] if len(parts) == 1 else torch.cat(self._datas)  # rows as they are
-            if len(parts) > 1:  # the parts become views of the joined rows; their sources can go
-                self._drop_sources()
-                self._datas = list(self._w.split([p.out_features for p in parts]))
-                self.parts = tuple(QuantizedWeight(d, p.qtype, p.shape) for d, p in zip(self._datas, parts))
-            if self.qtype == "F32":
-                self._dense[torch.device("cpu")] = self._w.view(torch.float32).view(self.out_features, -1)
+            self._dense[torch.device("cpu")] = self._w.view(torch.float32).view(self.out_features, -1)
 
     @property
     def weight(self) -> QuantizedWeight:
@@ -236,7 +247,7 @@ class QuantLinear(nn.Module):
         lib = native_library()
         tile = lib.fq_tile_rows()
         row_bytes = self._datas[0].shape[1]
-        packed = torch.empty(-(-self.out_features // tile) * tile * row_bytes, dtype=torch.uint8)
+        packed = huge_page_buffer(-(-self.out_features // tile) * tile * row_bytes)
 
         def repack_into(row0: int, rows: torch.Tensor) -> None:
             dst = packed[row0 * row_bytes :]
