@@ -5,7 +5,8 @@
 A TinyLlama-1.1B-shape model with random weights (dim 2048, 22 layers, 32/4 heads, ffn 5632, vocab 32000), its
 vocabulary taken from llama.cpp's models/ggml-vocab-llama-spm.gguf (llama-cpp-python sdist, see the Makefile).
 Files are written with fuselm's own quantizer (bit-exact with llama.cpp's). Every measurement runs in a fresh
-process so that peak RSS is its own. Prints prefill tok/s (128-token prompt), decode tok/s (64 tokens, batch 1)
+process so that peak RSS is its own; each process times three prompt + decode windows and keeps the fastest.
+Prints prefill tok/s (128-token prompt), decode tok/s (64 tokens, batch 1)
 and peak RSS, each as a fuselm / llama.cpp ratio, and peak RSS over the file size, whole and less the process's
 resident memory before loading (Python, torch or llama.cpp's library: about 220 MiB for fuselm).
 """
@@ -72,6 +73,7 @@ def kept_files(folder: Path, types: list[str], layers: int) -> dict[str, Path]:
 WORKER = r"""
 import json, sys, time, torch
 kind, path, threads, n_prompt, n_gen = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+REPEATS = 3  # prompt + decode windows per process; the fastest counts (noise only ever slows a run down)
 def status_mb(key):
     for line in open("/proc/self/status"):
         if line.startswith(key):
@@ -86,32 +88,38 @@ if kind == "llama.cpp":
     llm = llama_cpp.Llama(model_path=path, n_ctx=n_prompt + n_gen + 8, n_batch=n_prompt, n_threads=threads,
                           n_threads_batch=threads, verbose=False)
     ids = prompt[0].tolist()
-    llm.eval(ids[:8]); llm.reset()
-    t0 = time.perf_counter(); llm.eval(ids); prefill = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for i in range(n_gen):
-        llm.eval([int(ids[i % len(ids)])])
-    decode = time.perf_counter() - t0
+    llm.eval(ids[:8])
+    prefill = decode = float("inf")
+    for _ in range(REPEATS):
+        llm.reset()
+        t0 = time.perf_counter(); llm.eval(ids); prefill = min(prefill, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for i in range(n_gen):
+            llm.eval([int(ids[i % len(ids)])])
+        decode = min(decode, time.perf_counter() - t0)
 elif kind == "transformers":
     from transformers import LlamaForCausalLM
     base = status_mb("VmRSS")
     model = LlamaForCausalLM.from_pretrained(path, torch_dtype=torch.bfloat16).eval()
     with torch.no_grad():
         model(prompt[:, :8])
-        t0 = time.perf_counter(); out = model(prompt, use_cache=True); prefill = time.perf_counter() - t0
-        past = out.past_key_values; tok = out.logits[:, -1:].argmax(-1)
-        t0 = time.perf_counter()
-        for _ in range(n_gen):
-            out = model(tok, past_key_values=past, use_cache=True); past = out.past_key_values
-            tok = out.logits[:, -1:].argmax(-1)
-        decode = time.perf_counter() - t0
+        prefill = decode = float("inf")
+        for _ in range(REPEATS):
+            t0 = time.perf_counter(); out = model(prompt, use_cache=True)
+            prefill = min(prefill, time.perf_counter() - t0)
+            past = out.past_key_values; tok = out.logits[:, -1:].argmax(-1)
+            t0 = time.perf_counter()
+            for _ in range(n_gen):
+                out = model(tok, past_key_values=past, use_cache=True); past = out.past_key_values
+                tok = out.logits[:, -1:].argmax(-1)
+            decode = min(decode, time.perf_counter() - t0)
 else:
     import fuselm
     from fuselm.commands.bench import run_bench
     from fuselm.quants.kernel_build import native_library
     native_library()
     base = status_mb("VmRSS")
-    r = run_bench(fuselm.load(path), n_prompt, n_gen)
+    r = run_bench(fuselm.load(path), n_prompt, n_gen, repeats=REPEATS)
     prefill, decode = n_prompt / r["prefill_tok_s"], n_gen / r["decode_tok_s"]
 print(json.dumps({"prefill_tok_s": n_prompt / prefill, "decode_tok_s": n_gen / decode, "peak_rss_mb": peak_mb(),
                   "base_rss_mb": base}))
