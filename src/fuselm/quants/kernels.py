@@ -213,7 +213,6 @@ class QuantLinear(nn.Module):
                     drop_file_pages(p.data)  # read once into its reordered copy
             parts = ordered
         self.parts = tuple(p if p.data.is_contiguous() else replace(p, data=p.data.contiguous()) for p in parts)
-        self._datas = [p.data for p in self.parts]
         self._type_id = NATIVE_TYPES.get(self.qtype, -1)
         self._dense: dict[torch.device, torch.Tensor] = {}
         self._w: torch.Tensor | None = None
@@ -222,31 +221,36 @@ class QuantLinear(nn.Module):
         elif self.qtype in DENSE_TYPES and self.backend == "native":
             # 16-bit rows as they are, copied once into huge-page memory (faster to stream than the file's
             # mapping) and joined when stacked; the parts become views of the copy and the sources can go
-            joined = huge_page_buffer(sum(d.numel() for d in self._datas)).view(self.out_features, -1)
-            torch.cat(self._datas, out=joined) if len(self._datas) > 1 else joined.copy_(self._datas[0])
+            joined = huge_page_buffer(sum(p.data.numel() for p in self.parts)).view(self.out_features, -1)
+            torch.cat([p.data for p in self.parts], out=joined)
             self._drop_sources()
             self._w = joined
-            self._datas = list(joined.split([p.out_features for p in parts]))
-            self.parts = tuple(QuantizedWeight(d, p.qtype, p.shape) for d, p in zip(self._datas, parts))
+            rows = joined.split([p.out_features for p in self.parts])
+            self.parts = tuple(QuantizedWeight(d, p.qtype, p.shape) for d, p in zip(rows, self.parts))
         elif self.qtype == "F32":
-            self._w = self._datas[0] if len(parts) == 1 else torch.cat(self._datas)  # rows as they are
+            self._w = self._joined_rows()  # rows as they are
             self._dense[torch.device("cpu")] = self._w.view(torch.float32).view(self.out_features, -1)
 
     @property
     def weight(self) -> QuantizedWeight:
         if len(self.parts) == 1:
             return self.parts[0]
-        rows = torch.cat([p.in_order().data for p in self.parts])
-        return QuantizedWeight(rows, self.qtype, (self.out_features, self.in_features))
+        return QuantizedWeight(self._joined_rows(), self.qtype, (self.out_features, self.in_features))
+
+    def _joined_rows(self) -> torch.Tensor:
+        """GGML bytes of all rows in order: the single part's own, or a joined copy."""
+        if len(self.parts) == 1:
+            return self.parts[0].in_order().data
+        return torch.cat([p.in_order().data for p in self.parts])
 
     def _drop_sources(self) -> None:
-        for data in self._datas:
-            drop_file_pages(data)  # from now on the kernels read their own copy
+        for p in self.parts:
+            drop_file_pages(p.data)  # from now on the kernels read their own copy
 
     def _repack(self) -> torch.Tensor:
         lib = native_library()
         tile = lib.fq_tile_rows()
-        row_bytes = self._datas[0].shape[1]
+        row_bytes = self.parts[0].data.shape[1]
         packed = huge_page_buffer(-(-self.out_features // tile) * tile * row_bytes)
 
         def repack_into(row0: int, rows: torch.Tensor) -> None:
@@ -256,7 +260,7 @@ class QuantLinear(nn.Module):
                 raise FuselmError(f"QuantLinear: native repack failed for {self.qtype} (code {rc})")
 
         if any(p.out_features % tile for p in self.parts[:-1]):  # parts not in whole tiles: from a joined copy
-            repack_into(0, torch.cat([p.in_order().data for p in self.parts]))
+            repack_into(0, self._joined_rows())
         else:
             row0 = 0
             for p in self.parts:
