@@ -26,20 +26,12 @@ def _gguf_tokenizer(path: Path, gf) -> Tokenizer | None:
         return Tokenizer.from_file(beside, path.with_name("tokenizer_config.json"))
     if "tokenizer.ggml.model" not in gf.metadata:
         return None
-    from .formats.gguf_vocab import tokenizer_from_gguf
+    from .formats.gguf_vocab import tokenizer_config_from_gguf, tokenizer_from_gguf
 
     backend = tokenizer_from_gguf(gf.metadata, source=str(path))
-    meta = gf.metadata
-    tokens = meta.get("tokenizer.ggml.tokens") or []
-
-    def name(key: str) -> str | None:
-        i = meta.get(key)
-        return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
-
-    return Tokenizer(backend, bos_token=name("tokenizer.ggml.bos_token_id"),
-                     eos_token=name("tokenizer.ggml.eos_token_id"),
-                     chat_template=meta.get("tokenizer.chat_template"),
-                     add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)), source=str(path))
+    config = tokenizer_config_from_gguf(gf.metadata)
+    return Tokenizer(backend, bos_token=config["bos_token"], eos_token=config["eos_token"],
+                     chat_template=config.get("chat_template"), add_bos=config["add_bos_token"], source=str(path))
 
 
 def _image_tokenizer(path: Path):

@@ -58,21 +58,11 @@ def _tokenizer_files_from_gguf(source: ModelSource) -> dict[str, str]:
     """tokenizer.json and tokenizer_config.json rebuilt from a GGUF's tokenizer.ggml.* metadata."""
     import json
 
-    from ..formats.gguf_vocab import tokenizer_from_gguf
+    from ..formats.gguf_vocab import tokenizer_config_from_gguf, tokenizer_from_gguf
 
-    meta = source.tokenizer
-    backend = tokenizer_from_gguf(meta, source=str(source.path))
-    tokens = meta.get("tokenizer.ggml.tokens") or []
-
-    def name(key: str) -> str | None:
-        i = meta.get(key)
-        return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
-
-    config = {"bos_token": name("tokenizer.ggml.bos_token_id"), "eos_token": name("tokenizer.ggml.eos_token_id"),
-              "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False))}
-    if source.chat_template:
-        config["chat_template"] = source.chat_template
-    return {"tokenizer.json": backend.to_str(), "tokenizer_config.json": json.dumps(config, indent=2)}
+    backend = tokenizer_from_gguf(source.tokenizer, source=str(source.path))
+    return {"tokenizer.json": backend.to_str(),
+            "tokenizer_config.json": json.dumps(tokenizer_config_from_gguf(source.tokenizer), indent=2)}
 
 
 def _default_format(out: str) -> str:

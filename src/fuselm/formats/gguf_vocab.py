@@ -264,6 +264,22 @@ def tokenizer_from_gguf(metadata: Mapping[str, Any], source: str = "gguf") -> To
     return tok
 
 
+def tokenizer_config_from_gguf(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """tokenizer_config.json's fields from `tokenizer.*` metadata: bos/eos token strings, add_bos_token and the
+    chat template when there is one (token ids out of range give None)."""
+    tokens = metadata.get("tokenizer.ggml.tokens") or []
+
+    def name(key: str) -> str | None:
+        i = metadata.get(key)
+        return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
+
+    config = {"bos_token": name("tokenizer.ggml.bos_token_id"), "eos_token": name("tokenizer.ggml.eos_token_id"),
+              "add_bos_token": bool(metadata.get("tokenizer.ggml.add_bos_token", False))}
+    if metadata.get("tokenizer.chat_template"):
+        config["chat_template"] = metadata["tokenizer.chat_template"]
+    return config
+
+
 def _byte_level_bpe(metadata: Mapping, tokens: list[str], vocab: dict[str, int], source: str) -> Tokenizer:
     pre = metadata.get(K.PRE) or "default"
     if pre not in PRE_TOKENIZER_REGEXES:
