@@ -12,7 +12,6 @@ from .errors import FuselmError
 from .formats import gguf as gguf_format
 from .model.build import build_transformer, check_state_dict, parse_dtype, qk_norm_groups
 from .model.rope import normalize_rope_scaling
-from .quants.kernel_memory import drop_file_pages
 from .sources import rope_freqs_tensor
 from .tokenizer import Tokenizer
 
@@ -86,10 +85,6 @@ def load_gguf(path: Path, *, dtype=None, device: str = "cpu", rope_scaling: dict
     modules, consumed = _quantized_modules(config, state, qtypes, row_orders, target, dense=dequantize_all)
     state = check_state_dict(config, state, str(path), lambda n: archs.gguf_tensor_name(config, n),
                              provided=consumed)
-    if modules and not dequantize_all:
-        # What the modules took is repacked, or read in place and faulted back in when used.
-        for name in as_bytes:
-            drop_file_pages(tensors[name])
     transformer = build_transformer(config, state, dtype=target, device=device, modules=modules)
     file_type = "gguf " + ("+".join(quantized) if quantized else "+".join(sorted(types)))
     return Model(transformer, _gguf_tokenizer(path, gf), image_tokenizer=_image_tokenizer(path), source=str(path),
