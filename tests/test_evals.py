@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tiny_hf import make_llama
-from tokenizers import Regex, decoders, models, pre_tokenizers
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 from fuselm.archs import config_to_hf, internal_to_hf
@@ -49,11 +49,16 @@ def char_tokenizer() -> Tokenizer:
 
 
 def bpe_tokenizer() -> Tokenizer:
-    from fuselm.demo.random_model import build_tokenizer
-
+    """A small Metaspace BPE over the passkey texts (multi-digit tokens exist), specials at ids 0-3."""
     texts = [t for st in passkey.STYLES.values() for t in (st.task, st.filler, st.info, st.question)]
     texts = [*texts, "0123456789 12345 67890"] * 20
-    return Tokenizer(build_tokenizer(texts, image_tokens=0, vocab_size=120), bos_token="<s>", add_bos=True)
+    backend = HFTokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    reserved = ["<s>", "<pad>", "</s>", "<unk>", "<eoss>", "<racm3:break>", "<reserved08706>"]
+    backend.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=120 + len(reserved), special_tokens=reserved,
+                                                           show_progress=False))
+    return Tokenizer(backend, bos_token="<s>", add_bos=True)
 
 
 def char_model_dir(tmp: Path, max_pos: int = 64, seed: int = 0) -> Path:

@@ -107,9 +107,9 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo.run import run_demo
+    from .demo.showcase import run_showcase
 
-    return run_demo(Path(args.out), seed=args.seed)
+    return run_showcase(Path(args.out), seed=args.seed)
 
 
 def build_parser() -> argparse.ArgumentParser:

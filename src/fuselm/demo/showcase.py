@@ -97,13 +97,13 @@ def _story_verdict(parts: list) -> str:
     return "; ".join(checks) if checks else "the model drew no picture"
 
 
-def run_showcase(out: Path, seed: int = 0, model_path: str | Path = "demo") -> int:
+def run_showcase(out: Path, seed: int = 0) -> int:
     from .. import load
 
     t_start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model = load(model_path)
+    model = load("demo")
     asked, shown = sample_scenes(2, seed, split="heldout")
 
     t0 = time.perf_counter()
