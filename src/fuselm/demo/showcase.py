@@ -22,8 +22,7 @@ from ..evals.picture_checker import read_scene, scene_matches
 from ..generation.sampling import GREEDY, SamplingParams
 from ..generation.stream import Done, ImageDone, TextDelta
 from ..vision.vocab import END_TURN
-from .train import STORY_REQUEST
-from .world import caption, parse_caption, render, sample_scenes
+from .world import STORY_REQUEST, caption, parse_caption, render, sample_scenes
 
 SHOW_SIZE = 128  # pixels on the page (the world's pictures are 32x32, upscaled with NEAREST)
 # Deterministic reading and drawing: the demo shows the model's most likely answer. The interleaved answer samples

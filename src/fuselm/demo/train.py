@@ -44,14 +44,13 @@ from ..vision import VQGAN, VQGANConfig, vqgan_state_dict
 from ..vision.vocab import BEGIN_IMAGE, END_IMAGE, END_TURN, image_token_name
 from .recipe import Recipe, TrainingLog, pixels_of
 from .train_vqgan import decoded_accuracy, drawing_targets, reconstruction_accuracy, train_vqgan
-from .world import IMAGE_SIZE, Scene, all_scenes, caption
+from .world import IMAGE_SIZE, STORY_REQUEST, Scene, all_scenes, caption
 
 MODEL_FILE = "demo.gguf"
 SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")  # ids 0-3, as in Chameleon
 IMAGE_SPECIALS = (END_IMAGE, BEGIN_IMAGE, END_TURN)  # right after the image tokens, as in Chameleon's order
 BOS, PAD, EOS = 0, 1, 2
 IGNORE = -100
-STORY_REQUEST = "draw two pictures"  # the user turn that opens an interleaved document
 
 
 # ---------------------------------------------------------------- data

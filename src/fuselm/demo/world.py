@@ -118,6 +118,9 @@ def render(scene: Scene) -> Image.Image:
     return Image.fromarray(pixels, "RGB")
 
 
+STORY_REQUEST = "draw two pictures"  # the user turn that opens an interleaved document (two captioned pictures)
+
+
 def caption(scene: Scene) -> str:
     """'a large green triangle' (one object) or 'a red circle on the left and a blue square on the right'."""
     if scene.layout == "centre":
