@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import io
+import itertools
 import json
 import threading
 import time
@@ -162,9 +163,7 @@ class Handler(BaseHTTPRequestHandler):
             body = self._read_body()
             with self.server.lock:
                 route(body)
-        except BadRequest as err:
-            self._error(HTTPStatus.BAD_REQUEST, str(err))
-        except FuselmError as err:
+        except (BadRequest, FuselmError) as err:
             self._error(HTTPStatus.BAD_REQUEST, str(err))
 
     def _text_request(self, body: dict, prompt, kind: str) -> None:
@@ -175,24 +174,25 @@ class Handler(BaseHTTPRequestHandler):
         model_name = self.server.model.source
         obj = "chat.completion" if kind == "chat" else "text_completion"
         events = generate(self.server.model, prompt, **options)
-        first = next(events)  # errors in the request surface here, before any header is sent
+        events = itertools.chain([next(events)], events)  # request errors surface here, before any header is sent
         if stream:
+
+            def chunk(text: str | None, finish: str | None) -> dict:
+                piece = ({} if text is None else {"content": text}) if kind == "chat" else {"text": text or ""}
+                return {"id": rid, "object": obj + (".chunk" if kind == "chat" else ""), "created": created,
+                        "model": model_name, "choices": [{"index": 0, **({"delta": piece} if kind == "chat" else piece),
+                                                          "finish_reason": finish}]}
+
             self._start_events()
-            for event in _chain(first, events):
+            for event in events:
                 if isinstance(event, TextDelta):
-                    delta = {"delta": {"content": event.text}} if kind == "chat" else {"text": event.text}
-                    self._event({"id": rid, "object": obj + (".chunk" if kind == "chat" else ""),
-                                 "created": created, "model": model_name,
-                                 "choices": [{"index": 0, **delta, "finish_reason": None}]})
+                    self._event(chunk(event.text, None))
                 elif isinstance(event, Done):
-                    end = {"delta": {}} if kind == "chat" else {"text": ""}
-                    self._event({"id": rid, "object": obj + (".chunk" if kind == "chat" else ""),
-                                 "created": created, "model": model_name,
-                                 "choices": [{"index": 0, **end, "finish_reason": _finish(event.reason)}]})
+                    self._event(chunk(None, _finish(event.reason)))
             self._event("[DONE]")
             return
         text, done = [], None
-        for event in _chain(first, events):
+        for event in events:
             if isinstance(event, TextDelta):
                 text.append(event.text)
             elif isinstance(event, Done):
@@ -248,11 +248,6 @@ class Handler(BaseHTTPRequestHandler):
                 done = event
         self._send_json(HTTPStatus.OK, {"parts": parts, "finish_reason": _finish(done.reason if done else "length"),
                                         "usage": _usage(done)})
-
-
-def _chain(first, rest):
-    yield first
-    yield from rest
 
 
 def _finish(reason: str) -> str:
