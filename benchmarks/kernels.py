@@ -35,6 +35,7 @@ from gguf import GGMLQuantizationType
 
 from fuselm.quants import quantize
 from fuselm.quants.kernels import QuantLinear, set_threads
+from fuselm.quants.mixes import plan_types
 from fuselm.quants.tensor import QuantizedWeight
 
 TYPES = ["F16", "BF16", "Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0", "IQ4_NL", "Q3_K", "Q2_K"]
@@ -173,19 +174,18 @@ def reference_rows(n: int, k: int, reps: int) -> list[str]:
 
 
 def stack_types(ftype: str, n_layer: int = 22) -> list[tuple[str, int, int, str]]:
-    """(name, out, in, type) of every matmul of a TinyLlama-shaped model, in call order."""
-
-    def more_bits(i: int) -> bool:
-        return i < n_layer // 8 or i >= 7 * n_layer // 8 or (i - n_layer // 8) % 3 == 2
-
-    base = {"Q4_K_M": "Q4_K"}.get(ftype, ftype)
-    out_type = "Q6_K" if ftype == "Q4_K_M" else ("Q8_0" if ftype == "Q4_0" else ftype)
-    layers = []
-    for i in range(n_layer):
-        big = "Q6_K" if ftype == "Q4_K_M" and more_bits(i) else base
-        layers += [("q", 2048, 2048, base), ("k", 256, 2048, base), ("v", 256, 2048, big), ("o", 2048, 2048, base),
-                   ("gate", 5632, 2048, base), ("up", 5632, 2048, base), ("down", 2048, 5632, big)]  # fmt: skip
-    return layers + [("output", 32000, 2048, out_type)]
+    """(name, out, in, type) of every matmul of a TinyLlama-shaped model, in call order, with the types
+    llama.cpp's mix gives them (quants.mixes.plan_types)."""
+    shapes = {"attn_q": (2048, 2048), "attn_k": (256, 2048), "attn_v": (256, 2048), "attn_output": (2048, 2048),
+              "ffn_gate": (5632, 2048), "ffn_up": (5632, 2048), "ffn_down": (2048, 5632)}
+    tensors = [(f"blk.{i}.{t}.weight", shape) for i in range(n_layer) for t, shape in shapes.items()]
+    tensors += [("token_embd.weight", (32000, 2048)), ("output.weight", (32000, 2048))]
+    if ftype in ("F16", "BF16", "F32"):  # no mix: every matrix keeps the file's type
+        types = {name: ftype for name, _ in tensors}
+    else:
+        plan = plan_types(tensors, ftype, arch="llama", n_layers=n_layer, n_head=32, n_head_kv=4)
+        types = {c.name: c.type for c in plan}
+    return [(name.split(".")[-2], *shape, types[name]) for name, shape in tensors if name != "token_embd.weight"]
 
 
 def bench_stack(ftype: str, reps: int, fuse: bool) -> str:
