@@ -180,17 +180,26 @@ def test_fallback_paths(case, backend):
         check(layer, ref_w, bias, m, torch.float32, 1e-5)
 
 
+def smaps_fields(addr: int) -> dict[str, int]:
+    """/proc/self/smaps fields (kB or flags) of the mapping that contains addr."""
+    fields, found = None, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        parts = line.split()
+        if "-" in parts[0] and not parts[0].endswith(":"):
+            lo, hi = (int(v, 16) for v in parts[0].split("-"))
+            found = lo <= addr < hi
+            if found:
+                fields = {}
+        elif found and parts[0].endswith(":") and len(parts) >= 2 and parts[1].isdigit():
+            fields[parts[0][:-1]] = int(parts[1])
+    if fields is None:
+        raise AssertionError(f"no mapping contains {addr:#x}")
+    return fields
+
+
 def mapping_rss_kb(addr: int) -> int:
     """Resident kB of the /proc/self/smaps mapping that contains addr."""
-    found = False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        head = line.split()[0]
-        if "-" in head and not head.endswith(":"):
-            lo, hi = (int(v, 16) for v in head.split("-"))
-            found = lo <= addr < hi
-        elif found and head == "Rss:":
-            return int(line.split()[1])
-    raise AssertionError(f"no mapping contains {addr:#x}")
+    return smaps_fields(addr)["Rss"]
 
 
 def test_memory_mapped_weight_is_repacked_once_and_its_pages_dropped(tmp_path):
@@ -310,20 +319,6 @@ def test_row_order_equals_reordered_bytes(backend):
     assert torch.equal(QuantLinear([ordered, other], backend=backend).weight.data, torch.cat([copy.data, other.data]))
     with pytest.raises(FuselmError, match="permutation"):
         QuantizedWeight(data, "Q4_K", (rows, k), torch.zeros(rows, dtype=torch.int64))
-
-
-def smaps_fields(addr: int) -> dict[str, int]:
-    """/proc/self/smaps fields (kB or flags) of the mapping that holds addr."""
-    fields, inside = {}, False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            parts = line.split()
-            if "-" in parts[0] and len(parts) >= 5 and not parts[0].endswith(":"):
-                lo, hi = (int(v, 16) for v in parts[0].split("-"))
-                inside = lo <= addr < hi
-            elif inside and parts[0].endswith(":") and len(parts) >= 2 and parts[1].isdigit():
-                fields[parts[0][:-1]] = int(parts[1])
-    return fields
 
 
 def test_weights_live_in_huge_page_memory():
