@@ -29,7 +29,7 @@ VOCAB = ROOT / ".venv/llama-sdist/llama_cpp_python-0.3.36/vendor/llama.cpp/model
 
 def make_files(workdir: Path, types: list[str], layers: int) -> dict[str, Path]:
     from fuselm import archs
-    from fuselm.commands.quantize import quantize_model
+    from fuselm.reshape import quantize_model
     from fuselm.config import ModelConfig
     from fuselm.formats.gguf import read_gguf, write_gguf
     from fuselm.formats.hf import write_hf_dir

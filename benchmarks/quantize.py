@@ -59,7 +59,7 @@ def llama_cpp_quantize(src: Path, dst: Path, ftype: str, threads: int) -> float:
 
 
 def fuselm_quantize(src: Path, dst: Path, ftype: str, threads: int) -> float:
-    from fuselm.commands.quantize import quantize_model
+    from fuselm.reshape import quantize_model
     from fuselm.threads import set_threads
 
     set_threads(threads)

@@ -55,7 +55,7 @@ def test_quantized_model_runs_close_to_float(f32_gguf):
 
 
 def test_interrupted_quantize_leaves_no_file(f32_gguf, monkeypatch):
-    import fuselm.commands.quantize as qmod
+    import fuselm.reshape.quantize as qmod
 
     calls = {"n": 0}
     real = qmod.quantize
@@ -75,7 +75,7 @@ def test_interrupted_quantize_leaves_no_file(f32_gguf, monkeypatch):
 
 def test_bad_type_and_nan(f32_gguf, tmp_path):
     with pytest.raises(FuselmError, match="unknown --type 'Q7_K'"):
-        from fuselm.commands.quantize import quantize_model
+        from fuselm.reshape import quantize_model
 
         quantize_model(f32_gguf / "hf", tmp_path / "x.gguf", "Q7_K")
     import shutil

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .commands.common import add_model_args, add_sampling_args, load_model_from_args, sampling_kwargs_from_args
 from .errors import FuselmError
 
 DESCRIPTION = """\
@@ -25,78 +26,19 @@ examples:
 """
 
 
-def _add_model(p: argparse.ArgumentParser, optional: bool = True) -> None:
-    p.add_argument("model", nargs="?" if optional else None, default="demo",
-                   help="HF directory, .gguf file, Meta checkpoint directory, or 'demo' (default)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="compute dtype (default: the checkpoint's own float dtype)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
-    p.add_argument("--rope-scaling", default=None,
-                   choices=["linear", "ntk", "dynamic", "yarn", "llama3", "ntk-margin", "ntk-yarn"],
-                   help="extend the context with this RoPE scaling method")
-    p.add_argument("--rope-factor", type=float, default=None, help="RoPE scaling factor s (e.g. 4)")
-    p.add_argument("--original-context", type=int, default=None,
-                   help="context length the model was trained with (default: its max_position_embeddings)")
-
-
-def _add_sampling(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=int, default=None,
-                   help="maximum new tokens (default 256; with --images on, image tokens count too, so the default "
-                        "then leaves room for images: 256 + 4 images' worth, within the context)")
-    g.add_argument("--temperature", type=float, default=None, help="0 = greedy (default 0.8)")
-    g.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (default 40; 0 = off)")
-    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default 0.95)")
-    g.add_argument("--min-p", type=float, default=None, help="drop tokens below min-p × the top probability "
-                                                             "(default 0.05)")
-    g.add_argument("--repeat-penalty", type=float, default=None, help="repetition penalty (default 1.0 = off)")
-    g.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same output")
-    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-
-
-def _load_model(args):
-    from . import load
-    from .threads import set_threads
-
-    if args.threads is not None:
-        set_threads(args.threads)
-    rope = None
-    if args.rope_scaling:
-        if args.rope_factor is None:
-            raise FuselmError("--rope-scaling needs --rope-factor")
-        rope = {"rope_type": args.rope_scaling, "factor": args.rope_factor}
-        if args.original_context:
-            rope["original_max_position_embeddings"] = args.original_context
-    return load(args.model, dtype=args.dtype, rope_scaling=rope)
-
-
-def _max_tokens(args, model) -> int:
-    if args.max_tokens is not None:
-        return args.max_tokens
-    if getattr(args, "images", "off") == "on" and model.image_tokenizer is not None:
-        h, w = model.image_tokenizer.grid
-        return min(256 + 4 * (h * w + 2), model.config.max_position_embeddings)
-    return 256
-
-
-def _sampling_kwargs(args, model) -> dict:
-    return dict(max_tokens=_max_tokens(args, model), temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                min_p=args.min_p, repetition_penalty=args.repeat_penalty, seed=args.seed, stop=tuple(args.stop))
-
-
 def cmd_generate(args) -> int:
     from .generation.render import run_generation
 
-    model = _load_model(args)
+    model = load_model_from_args(args)
     return run_generation(model, args.prompt, images=args.images, image_paths=args.image, out=args.out,
-                          **_sampling_kwargs(args, model))
+                          **sampling_kwargs_from_args(args, model))
 
 
 def cmd_chat(args) -> int:
     from .generation.render import run_chat
 
-    model = _load_model(args)
-    return run_chat(model, system=args.system, **_sampling_kwargs(args, model))
+    model = load_model_from_args(args)
+    return run_chat(model, system=args.system, **sampling_kwargs_from_args(args, model))
 
 
 def cmd_inspect(args) -> int:
@@ -123,14 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "With a Chameleon model, --images on lets the model draw pictures in its answer, "
                                    "--images only draws one picture for the prompt, and --out writes an HTML page "
                                    "(plus Markdown) with the pictures as PNG files beside it.")
-    _add_model(p)
+    add_model_args(p)
     p.add_argument("-p", "--prompt", required=True, help="the prompt text")
     p.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="an input image, placed after the prompt text (repeatable; Chameleon models)")
     p.add_argument("--images", choices=["on", "off", "only"], default="off",
                    help="may the model draw images: on, off (default), only (one image, no text)")
     p.add_argument("--out", default=None, help="write an interleaved HTML document here (e.g. story.html)")
-    _add_sampling(p)
+    add_sampling_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="interactive multi-turn chat using the model's chat template",
@@ -138,9 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Chat in the terminal. The model's own chat template is used when it ships one; "
                                    "otherwise a built-in one (Chameleon, Alfred/Falcon, Llama-3) chosen from the "
                                    "vocabulary. Type /reset to start over, /quit (or Ctrl-D) to leave.")
-    _add_model(p)
+    add_model_args(p)
     p.add_argument("--system", default=None, help="system prompt")
-    _add_sampling(p)
+    add_sampling_args(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("inspect", help="print architecture, parameter count, dtypes (-v: every tensor)",

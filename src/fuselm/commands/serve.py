@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .common import add_model_args
+
 HELP = """\
 Serve one model over HTTP on this machine: OpenAI-style /v1/completions and /v1/chat/completions (with
 "stream": true for server-sent events), and /v1/generate for mixed-modal prompts and answers (pictures as
@@ -19,10 +21,10 @@ examples:
 
 
 def cmd_serve(args) -> int:
-    from ..cli import _load_model
+    from .common import load_model_from_args
     from ..server import serve
 
-    model = _load_model(args)
+    model = load_model_from_args(args)
     server = serve(model, args.host, args.port, default_max_tokens=args.max_tokens, quiet=args.quiet)
     host, port = server.server_address[:2]
     print(f"serving {model.source} ({model.file_type}) on http://{host}:{port}  (Ctrl-C stops)", file=sys.stderr)
@@ -36,11 +38,9 @@ def cmd_serve(args) -> int:
 
 
 def register(sub) -> None:
-    from ..cli import _add_model
-
     p = sub.add_parser("serve", help="serve a model over HTTP (OpenAI-style completions, mixed-modal generate)",
                        description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_model(p, optional=True)
+    add_model_args(p, optional=True)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
     p.add_argument("--max-tokens", type=int, default=256, help="default max_tokens of a request (default 256)")

@@ -118,7 +118,7 @@ def _size(path: Path) -> int:
 
 
 def quantized_variant(src: Path, work: Path, ftype: str) -> Path:
-    from ..commands.quantize import quantize_model
+    from ..reshape.quantize import quantize_model
 
     out = work / f"demo-{ftype.lower()}.gguf"
     quantize_model(src, out, ftype, progress=False)
@@ -127,7 +127,7 @@ def quantized_variant(src: Path, work: Path, ftype: str) -> Path:
 
 
 def flashnorm_variant(src: Path, work: Path) -> Path:
-    from ..commands.transforms import write_model
+    from ..reshape.checkpoint import write_model
     from ..sources import read_source
     from ..transforms.flashnorm import flashify
 
