@@ -31,7 +31,8 @@ def make_files(workdir: Path, types: list[str], layers: int) -> dict[str, Path]:
     from fuselm import archs
     from fuselm.reshape import quantize_model
     from fuselm.config import ModelConfig
-    from fuselm.formats.gguf import read_gguf, write_gguf
+    from fuselm.archs import write_gguf
+    from fuselm.formats.gguf import read_gguf
     from fuselm.formats.hf import write_hf_dir
     from fuselm.model.transformer import Transformer
 

@@ -25,7 +25,7 @@ from fuselm.config import ModelConfig
 from fuselm.generation.mixed import generate_mixed
 from fuselm.generation.sampling import SamplingParams
 from fuselm.generation.stream import Done, ImageDone
-from fuselm.loader import Model
+from fuselm.load import Model
 from fuselm.model.cache import KVCache
 from fuselm.model.transformer import Transformer
 from fuselm.vision import VQGAN, ImageTokenizer, VQGANConfig, image_token_name

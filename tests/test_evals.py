@@ -28,7 +28,7 @@ from fuselm.errors import FuselmError
 from fuselm.evals import compare, passkey
 from fuselm.evals.perplexity import sliding_window_perplexity
 from fuselm.formats.hf import write_hf_dir
-from fuselm.loader import load
+from fuselm.load import load
 from fuselm.model.transformer import Transformer
 from fuselm.tokenizer import Tokenizer
 

@@ -24,9 +24,9 @@ from fuselm.formats.gguf import (
     companion_path,
     read_gguf,
     read_vqgan_gguf,
-    write_gguf,
     write_vqgan_gguf,
 )
+from fuselm.archs import write_gguf
 from fuselm.formats.gguf_vocab import tokenizer_from_gguf, tokenizer_to_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,7 +139,7 @@ def hf_llama(vocab_size: int, **changes):
 
 LLAMA_VARIANTS = {
     "llama": {},
-    "llama-bias-tied": dict(attention_bias=True, mlp_bias=True, tie_word_embeddings=True),
+    "llama-bias-tied": dict(qkv_bias=True, o_bias=True, mlp_bias=True, tie_word_embeddings=True),
     "llama-linear": dict(rope_scaling={"rope_type": "linear", "factor": 2.0}),
     "llama-yarn": dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}),
     "llama-llama3": dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 32,
@@ -414,12 +414,12 @@ def _tiny_config(arch: str, **changes) -> ModelConfig:
 
 def _random_state(config: ModelConfig) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    return {n: torch.randn(s, generator=g) for n, s in archs.expected_shapes(config).items()}
+    return {n: torch.randn(s, generator=g) for n, s in expected_shapes(config).items()}
 
 
 ROUND_TRIPS = {
     "llama": _tiny_config("llama"),
-    "llama-tied-bias-gqa-headdim": _tiny_config("llama", tie_word_embeddings=True, attention_bias=True,
+    "llama-tied-bias-gqa-headdim": _tiny_config("llama", tie_word_embeddings=True, qkv_bias=True, o_bias=True,
                                                 mlp_bias=True, head_dim=16, rope_theta=500000.0,
                                                 eos_token_ids=(2, 5, 7), pad_token_id=0, norm_eps=1e-6),
     "llama-linear": _tiny_config("llama", rope_scaling={"rope_type": "linear", "factor": 4.0}),

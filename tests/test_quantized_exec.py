@@ -58,9 +58,7 @@ def test_kl_no_worse_than_llama_cpp(model_dir, qtype):
 def test_quantized_execution_equals_dequantized_dense(model_dir, qtype):
     ids = torch.randint(3, 200, (2, 20), generator=torch.Generator().manual_seed(2))
     fast = fuselm.load(model_dir / f"{qtype}.gguf", dtype="float32")
-    from fuselm.loader_gguf import load_gguf
-
-    dense = load_gguf(model_dir / f"{qtype}.gguf", dtype="float32", dequantize_all=True)
+    dense = fuselm.load(model_dir / f"{qtype}.gguf", dtype="float32", dequantize_all=True)
     assert not isinstance(dense.transformer.layers[0].attn.q, QuantLinear)
     a, b = fast(ids), dense(ids)
     # Prefill runs fp16 weight tiles through a GEMM (see quants/kernels.py for the documented error).

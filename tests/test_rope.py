@@ -14,18 +14,14 @@ from transformers.models.falcon import modeling_falcon
 from transformers.models.llama import modeling_llama
 
 from fuselm.errors import FuselmError
-from fuselm.model.rope import (
-    RopeSpec,
-    apply_rope,
-    normalize_rope_scaling,
+from fuselm.archs.rope_keys import (
     rope_base_from_gguf,
-    rope_cos_sin,
-    rope_freq_factors,
-    rope_frequencies,
     rope_scaling_from_gguf,
     rope_scaling_gguf_keys,
     rope_scaling_to_hf,
 )
+from fuselm.config.rope import RopeSpec, normalize_rope_scaling, rope_freq_factors, rope_frequencies
+from fuselm.model.rope import apply_rope, rope_cos_sin
 
 
 def llama_config(head_dim: int, max_pos: int, params: dict) -> LlamaConfig:

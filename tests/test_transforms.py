@@ -21,7 +21,8 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-from fuselm.archs import config_from_hf, config_to_hf, expected_shapes, hf_to_internal, internal_to_hf
+from fuselm.archs import config_from_hf, config_to_hf, hf_to_internal, internal_to_hf
+from fuselm.config import expected_shapes
 from fuselm.archs.meta import internal_to_meta, meta_to_internal
 from fuselm.errors import FuselmError
 from fuselm.transforms import (
@@ -32,7 +33,7 @@ from fuselm.transforms import (
     qknorm_max_deviation,
     regroup_qknorm,
 )
-from fuselm.transforms.meta_convert import convert_meta, load_meta_checkpoint
+from fuselm.load.meta import convert_meta, load_meta_checkpoint
 
 VOCAB = 64
 TOKENS = torch.tensor([[5, 17, 33, 2, 60, 41, 9, 28, 50, 23, 31, 4]])
@@ -166,9 +167,9 @@ def test_flashify_report_names_refusals():
 def test_flashify_falcon_folds_layernorm_bias(new_arch, parallel):
     model = _falcon(new_arch, parallel)
     config, state = _internal(model)
-    assert not config.attention_bias
+    assert not (config.qkv_bias or config.o_bias)
     new_config, folded, report = flashify(config, state, strict=False)
-    assert new_config.attention_bias and new_config.mlp_bias
+    assert new_config.qkv_bias and new_config.o_bias and new_config.mlp_bias
     assert any("zero biases" in line and "attn.o" in line and "mlp.down" in line for line in report), report
     assert torch.equal(folded["layers.0.attn.o.bias"], torch.zeros(config.hidden_size))
     norms = ["layers.0.attn_norm"] + (["layers.0.mlp_norm"] if new_arch or not parallel else [])

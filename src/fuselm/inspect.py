@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from .loader import DEMO_DIR
+from .load import DEMO_DIR
 
 
 def _fmt_count(n: int) -> str:

@@ -1,22 +1,11 @@
-"""The only package that names architectures: llama, chameleon, falcon.
+"""Architectures as data: one Arch record per family (llama, chameleon, falcon, qwen2, mistral) in its own file,
+and the generic machinery that reads and writes HF, GGUF and Meta checkpoints through those records.
 
-Internal tensor names (what model/transformer.py's modules are called):
-
-    embed.weight, norm.{weight,bias}, lm_head.weight
-    layers.{i}.attn_norm.{weight,bias}   norm before attention (Falcon-40B: ln_attn)
-    layers.{i}.mlp_norm.{weight,bias}    norm before the MLP (after it for swin_norm; Falcon-40B: ln_mlp)
-    layers.{i}.attn.{q,k,v,o}.{weight,bias}
-    layers.{i}.attn.{q_norm,k_norm}.{weight,bias}   shape (heads or groups, head_dim)
-    layers.{i}.mlp.{gate,up,down}.{weight,bias}     gate only for SwiGLU
-
-hf.py and gguf.py hold the name tables and config parsing for each file format; meta.py (Chameleon's original
-release) lives beside them. Every fix-up is a pure function from one state dict (name -> tensor) to another.
+Internal tensor names are listed in fuselm.config.tensors. Every fix-up is a pure function from one state dict
+(name -> tensor) to another. Adding an architecture: a new file building an Arch, and its line in registry.py.
 """
 
 from .gguf import (
-    GGUF_PERMUTES_QK,
-    config_from_gguf,
-    config_to_gguf_metadata,
     gguf_module_names,
     gguf_tensor_name,
     gguf_to_internal,
@@ -24,22 +13,15 @@ from .gguf import (
     permute_for_interleaved_rope,
     unpermute_from_interleaved_rope,
 )
-from .hf import (
-    HF_MODEL_TYPES,
-    SUPPORTED_ARCHS,
-    config_from_hf,
-    config_to_hf,
-    hf_module_names,
-    hf_tensor_name,
-    hf_to_internal,
-    internal_to_hf,
-)
-from .tensors import expected_shapes, is_norm_weight
+from .gguf_config import config_from_gguf, config_to_gguf_metadata, gguf_extra_tensors
+from .gguf_io import write_gguf
+from .hf import config_from_hf, config_to_hf, hf_module_names, hf_tensor_name, hf_to_internal, internal_to_hf
+from .record import Arch
+from .registry import ARCHS, HF_MODEL_TYPES, SUPPORTED_ARCHS, arch_record
 
 __all__ = [
-    "config_from_gguf", "config_to_gguf_metadata",
-    "GGUF_PERMUTES_QK", "HF_MODEL_TYPES", "SUPPORTED_ARCHS", "config_from_hf", "config_to_hf", "expected_shapes",
-    "gguf_module_names", "gguf_tensor_name", "gguf_to_internal", "hf_module_names", "hf_tensor_name", "hf_to_internal",
-    "internal_to_gguf", "internal_to_hf",
-    "is_norm_weight", "permute_for_interleaved_rope", "unpermute_from_interleaved_rope",
+    "ARCHS", "Arch", "HF_MODEL_TYPES", "SUPPORTED_ARCHS", "arch_record", "config_from_gguf", "config_from_hf",
+    "config_to_gguf_metadata", "config_to_hf", "gguf_extra_tensors", "gguf_module_names", "gguf_tensor_name",
+    "gguf_to_internal", "hf_module_names", "hf_tensor_name", "hf_to_internal", "internal_to_gguf", "internal_to_hf",
+    "permute_for_interleaved_rope", "unpermute_from_interleaved_rope", "write_gguf",
 ]

@@ -23,7 +23,7 @@ from ..config import ModelConfig
 from ..errors import FuselmError
 from ..transforms.qknorm import expand_heads, group_heads
 from .gguf import permute_for_interleaved_rope, unpermute_from_interleaved_rope
-from .tensors import expected_shapes
+from ..config import expected_shapes
 
 META_MODULES = {
     "embed": "tok_embeddings",
@@ -243,7 +243,7 @@ def internal_to_meta(config: ModelConfig, state_dict: Mapping[str, torch.Tensor]
     c, n = config, num_shards
     if c.arch not in ("llama", "chameleon") or c.norm_kind != "rms" or c.mlp_kind != "swiglu":
         raise FuselmError(f"Meta's layout holds Llama/Chameleon models only, not {c.arch!r}")
-    if c.attention_bias or c.mlp_bias or c.flashnorm:
+    if c.qkv_bias or c.o_bias or c.mlp_bias or c.flashnorm:
         raise FuselmError("Meta's layout has no linear biases and no FlashNorm flag")
     for size, what in ((c.num_attention_heads, "num_attention_heads"), (c.num_key_value_heads, "num_key_value_heads"),
                        (c.intermediate_size, "intermediate_size"), (c.hidden_size, "hidden_size"),

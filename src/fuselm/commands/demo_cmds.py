@@ -24,7 +24,7 @@ examples:
 
 def cmd_train_demo(args) -> int:
     from ..demo.train import train_demo
-    from ..loader import DEMO_DIR
+    from ..load import DEMO_DIR
 
     train_demo(Path(args.out_dir) if args.out_dir else DEMO_DIR, seed=args.seed, minutes=args.minutes)
     return 0

@@ -137,7 +137,7 @@ def cmd_passkey(args) -> int:
 def cmd_ppl(args) -> int:
     from ..evals.compare import CHECKPOINT, original_context_of, rope_scaling_for
     from ..evals.perplexity import encode_text_file, sliding_window_perplexity
-    from ..loader import load
+    from ..load import load
 
     _setup(args)
     method, factor = _method_and_factor(args)

@@ -267,7 +267,8 @@ def _save_tokenizer(directory: Path, tok: Tokenizer) -> None:
 
 def save_gguf(directory: Path, config: ModelConfig, model: Transformer, vq: VQGAN, tok: Tokenizer) -> Path:
     """demo.gguf (F32) + demo-vqgan.gguf + tokenizer.json/tokenizer_config.json in `directory`."""
-    from ..formats.gguf import companion_path, write_gguf, write_vqgan_gguf
+    from ..archs import write_gguf
+    from ..formats.gguf import companion_path, write_vqgan_gguf
 
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import FuselmError
-from ..model.rope import ROPE_TYPES, normalize_rope_scaling
+from ..config.rope import ROPE_TYPES, normalize_rope_scaling
 from .passkey import STYLES, PasskeyStyle, passkey_accuracy
 from .perplexity import sliding_window_perplexity
 
@@ -87,7 +87,7 @@ def compare_methods(path: str | Path, methods: Sequence[str], lengths: Sequence[
     Perplexity at length L uses windows of L tokens every `stride` (default L // 2) over the text.
     """
     if load is None:
-        from ..loader import load
+        from ..load import load
     bad = [m for m in methods if m not in (*METHODS, CHECKPOINT)]
     if bad or not methods:
         raise FuselmError(f"--methods has {bad or 'nothing'}; expected a comma list of {', '.join(METHODS)}")

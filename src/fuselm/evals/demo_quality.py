@@ -91,7 +91,7 @@ def reference_rows(model, n: int, seed: int) -> list[Row]:
 
 def _model_file(model_arg: str | Path) -> Path:
     """The .gguf (or HF directory) that `fuselm.load` reads for this argument."""
-    from ..loader import DEMO_DIR
+    from ..load import DEMO_DIR
 
     path = DEMO_DIR if model_arg in (None, "demo") else Path(model_arg)
     if path.is_dir() and not (path / "config.json").exists():
@@ -128,7 +128,7 @@ def quantized_variant(src: Path, work: Path, ftype: str) -> Path:
 
 def flashnorm_variant(src: Path, work: Path) -> Path:
     from ..reshape.checkpoint import write_model
-    from ..sources import read_source
+    from ..load import read_source
     from ..transforms.flashnorm import flashify
 
     source = read_source(src)

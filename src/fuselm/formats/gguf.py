@@ -35,10 +35,7 @@ import torch
 from gguf import GGMLQuantizationType, GGUFValueType
 from tqdm import tqdm
 
-from ..archs.gguf import config_to_gguf_metadata, gguf_extra_tensors
-from ..config import ModelConfig
 from ..errors import FuselmError
-from .gguf_vocab import tokenizer_to_gguf
 
 GGUF_MAGIC = 0x46554747  # b"GGUF" little-endian
 SUPPORTED_VERSIONS = (2, 3)
@@ -475,31 +472,15 @@ def _file_type(plans: list[_TensorPlan]) -> int:
     return int(_FILE_TYPES.get(main, gguf.LlamaFileType.GUESSED))
 
 
-def write_gguf(path: str | os.PathLike, config: ModelConfig, tensors: Mapping[str, tuple], *, tokenizer=None,
-               chat_template: str | None = None, extra_metadata: Mapping[str, Any] | None = None,
-               progress: bool = True) -> Path:
-    """Write a model GGUF that llama.cpp loads: config keys (archs.config_to_gguf_metadata), the tokenizer as
-    tokenizer.ggml.* (a `tokenizers.Tokenizer`, or tokenizer.* metadata read from another GGUF), tensors under
-    GGUF names in GGUF layouts (archs.internal_to_gguf), plus what llama.cpp needs for the config
-    (archs.gguf_extra_tensors: rope_freqs.weight for llama3 scaling). extra_metadata is written last (e.g.
-    general.file_type from a quantization mix). Returns the path."""
-    metadata: dict[str, Any] = {}
-    if tokenizer is not None:
-        if isinstance(tokenizer, Mapping):
-            metadata.update({k: v for k, v in tokenizer.items() if k.startswith("tokenizer.")})
-        else:
-            metadata.update(tokenizer_to_gguf(tokenizer, config.vocab_size))
-    metadata.update(config_to_gguf_metadata(config))  # config's special ids win over the tokenizer's
-    if chat_template:
-        metadata[gguf.Keys.Tokenizer.CHAT_TEMPLATE] = chat_template
-    tensors = dict(tensors)
-    for name, t in gguf_extra_tensors(config).items():  # e.g. rope_freqs.weight for llama3 RoPE scaling
-        tensors.setdefault(name, (t, "F32"))
+def write_gguf_file(path: str | os.PathLike, arch: str, metadata: Mapping[str, Any], tensors: Mapping[str, tuple],
+                    *, progress: bool = True) -> Path:
+    """Write a GGUF: `metadata` (general.architecture = arch is written first), then `tensors`, each
+    name -> (tensor, type name) or (callable producing GGML bytes, type name, shape), one in memory at a time.
+    general.file_type and the quantization version are derived from the tensors unless `metadata` sets them."""
     plans = [_plan_tensor(name, value) for name, value in tensors.items()]
-    metadata[gguf.Keys.General.FILE_TYPE] = _file_type(plans)
-    metadata[gguf.Keys.General.QUANTIZATION_VERSION] = QUANTIZATION_VERSION
-    metadata.update(extra_metadata or {})
-    return _write_atomically(path, config.arch, metadata, plans, progress)
+    metadata = {gguf.Keys.General.FILE_TYPE: _file_type(plans),
+                gguf.Keys.General.QUANTIZATION_VERSION: QUANTIZATION_VERSION, **metadata}
+    return _write_atomically(path, arch, metadata, plans, progress)
 
 
 # ---------------------------------------------------------------- Chameleon's image tokenizer (companion file)

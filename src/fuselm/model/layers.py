@@ -10,8 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .attention import CacheStep, causal_attention
 from .cache import LayerCache
 from .rope import apply_rope
+
+Cached = tuple[CacheStep, LayerCache]  # this forward's cache step and the layer's own buffers
 
 
 class RMSNorm(nn.Module):
@@ -71,10 +74,11 @@ class Attention(nn.Module):
         super().__init__()
         c = config
         self.n_heads, self.n_kv, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        self.q = nn.Linear(c.hidden_size, c.q_dim, bias=c.attention_bias)
-        self.k = nn.Linear(c.hidden_size, c.kv_dim, bias=c.attention_bias)
-        self.v = nn.Linear(c.hidden_size, c.kv_dim, bias=c.attention_bias)
-        self.o = nn.Linear(c.q_dim, c.hidden_size, bias=c.attention_bias)
+        self.window = c.sliding_window
+        self.q = nn.Linear(c.hidden_size, c.q_dim, bias=c.qkv_bias)
+        self.k = nn.Linear(c.hidden_size, c.kv_dim, bias=c.qkv_bias)
+        self.v = nn.Linear(c.hidden_size, c.kv_dim, bias=c.qkv_bias)
+        self.o = nn.Linear(c.q_dim, c.hidden_size, bias=c.o_bias)
         # A loader may replace q, k and v by one module over their stacked rows (one quantized matmul, not three).
         self.qkv: nn.Module | None = None
         self.q_norm = self.k_norm = None
@@ -83,8 +87,7 @@ class Attention(nn.Module):
             self.q_norm = GroupedHeadNorm(self.n_heads, qg, self.head_dim, c.qk_norm_eps)
             self.k_norm = GroupedHeadNorm(self.n_kv, kg, self.head_dim, c.qk_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None,
-                mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Cached | None) -> torch.Tensor:
         B, T, _ = x.shape
         if self.qkv is not None:
             kv = self.n_kv * self.head_dim
@@ -98,11 +101,12 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(k, v)
-        causal = mask is None and cache is None and T > 1
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                             enable_gqa=self.n_kv != self.n_heads)
+        gqa = self.n_kv != self.n_heads
+        if cache is None:
+            out = causal_attention(q, k, v, self.window, gqa)
+        else:
+            step, layer = cache
+            out = step.attend(layer, q, k, v, gqa)
         return self.o(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -134,14 +138,13 @@ class Block(nn.Module):
         self.attn = Attention(config, qk_norm_groups)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None,
-                mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Cached | None) -> torch.Tensor:
         if self.kind == "pre_norm":
-            h = x + self.attn(self.attn_norm(x), cos, sin, cache, mask)
+            h = x + self.attn(self.attn_norm(x), cos, sin, cache)
             return h + self.mlp(self.mlp_norm(h))
         if self.kind == "swin_norm":
-            h = x + self.attn_norm(self.attn(x, cos, sin, cache, mask))
+            h = x + self.attn_norm(self.attn(x, cos, sin, cache))
             return h + self.mlp_norm(self.mlp(h))
         a = self.attn_norm(x)
         m = a if self.mlp_norm is None else self.mlp_norm(x)
-        return x + self.attn(a, cos, sin, cache, mask) + self.mlp(m)
+        return x + self.attn(a, cos, sin, cache) + self.mlp(m)

@@ -6,9 +6,11 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from ..config.rope import RopeSpec, normalize_rope_scaling, rope_frequencies
+from .attention import CacheStep
 from .cache import KVCache
 from .layers import Block, make_norm
-from .rope import RopeSpec, normalize_rope_scaling, rope_cos_sin, rope_frequencies
+from .rope import rope_cos_sin
 
 
 class Transformer(nn.Module):
@@ -47,30 +49,31 @@ class Transformer(nn.Module):
             self._rope_cache = (key, inv_freq, factor)
         return self._rope_cache[1], self._rope_cache[2]
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None,
-                last_only: bool = False) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, last_only: bool = False,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, T] -> float32 logits [B, T, vocab] (or [B, 1, vocab] with last_only).
 
-        Without a cache this is a full causal forward. With one, the tokens continue the cached sequence.
+        Without a cache this is a full causal forward. With one, row b's tokens continue the sequence in cache row
+        `rows[b]` (default: row b) at that row's own length; rows may sit at different positions.
         """
         B, T = tokens.shape
-        start = 0 if cache is None else cache.length
+        step = None
         if cache is not None:
-            cache.check_room(T)
-        positions = torch.arange(start, start + T, device=tokens.device)
-        mask = None
-        if cache is not None:
-            pad = cache.pad.to(tokens.device)
-            positions = (positions[None, :] - pad[:, None]).clamp(min=0)
-            if T > 1 or bool((pad > 0).any()):
-                mask = _cache_mask(start, T, pad)
-        inv_freq, attn_factor = self._frequencies(start + T)
+            if rows is not None:
+                rows = torch.as_tensor(rows, dtype=torch.long).reshape(-1)
+            cache.check_room(T, rows)
+            step = CacheStep(cache, T, rows, self.config.sliding_window)
+            positions = step.positions().to(tokens.device)
+            inv_freq, attn_factor = self._frequencies(step.longest)
+        else:
+            positions = torch.arange(T, device=tokens.device)
+            inv_freq, attn_factor = self._frequencies(T)
         x = self.embed(tokens)
         cos, sin = rope_cos_sin(inv_freq.to(tokens.device), positions, attn_factor, x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, None if cache is None else cache.layers[i], mask)
-        if cache is not None:
-            cache.length += T
+            x = layer(x, cos, sin, None if step is None else (step, cache.layers[i]))
+        if step is not None:
+            step.advance()
         if last_only:
             x = x[:, -1:]
         x = self.norm(x)
@@ -79,13 +82,3 @@ class Transformer(nn.Module):
         else:
             logits = self.lm_head(x)
         return logits.float()
-
-
-def _cache_mask(start: int, T: int, pad: torch.Tensor) -> torch.Tensor:
-    """Boolean [B, 1, T, start+T]: causal, minus each row's left padding (a padded query sees itself)."""
-    keys = torch.arange(start + T, device=pad.device)
-    queries = torch.arange(start, start + T, device=pad.device)
-    causal = keys[None, :] <= queries[:, None]
-    not_pad = keys[None, None, :] >= pad[:, None, None]
-    itself = keys[None, :] == queries[:, None]
-    return ((causal[None] & not_pad) | itself[None])[:, None]

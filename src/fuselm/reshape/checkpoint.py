@@ -16,7 +16,7 @@ from ..config import ModelConfig
 from ..errors import FuselmError
 from ..formats import gguf as gguf_format
 from ..formats import hf as hf_format
-from ..sources import ModelSource, read_source
+from ..load import ModelSource, read_source
 
 
 def write_model(out: Path, fmt: str, config: ModelConfig, state: dict[str, torch.Tensor], source: ModelSource,
@@ -29,7 +29,7 @@ def write_model(out: Path, fmt: str, config: ModelConfig, state: dict[str, torch
         gguf_types = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
         tensors = {n: (t, "F32" if t.ndim < 2 else gguf_types.get(t.dtype, "F32"))
                    for n, t in archs.internal_to_gguf(config, state).items()}
-        gguf_format.write_gguf(out, config, tensors, tokenizer=source.tokenizer, chat_template=source.chat_template)
+        archs.write_gguf(out, config, tensors, tokenizer=source.tokenizer, chat_template=source.chat_template)
         if source.vqgan is not None:
             gguf_format.write_vqgan_gguf(gguf_format.companion_path(out), *source.vqgan)
         return out
@@ -106,15 +106,12 @@ def convert_model(meta_dir: str | Path, out: str | Path, *, qk_norm: str = "per-
     """Meta's original Chameleon release -> an HF directory (or GGUF). Returns the path and the report."""
     from tokenizers import Tokenizer as HFTokenizer
 
-    from ..transforms.meta_convert import convert_meta
+    from ..load.meta import convert_meta
 
     conv = convert_meta(meta_dir, qk_norm=qk_norm)
     tokenizer = HFTokenizer.from_str(json.dumps(conv.tokenizer_json)) if conv.tokenizer_json else None
-    vq = None
-    if conv.vqgan_state_dict:
-        vq_state = {k[len("model.vqmodel."):]: v for k, v in conv.vqgan_state_dict.items()}
-        vq = (conv.config.extra.get("vq_config") or {}, vq_state)
-    source = ModelSource(Path(meta_dir), "meta", conv.config, conv.state_dict, tokenizer, None, vq)
+    vq = (conv.config.extra.get("vq_config") or {}, conv.vqgan_state_dict) if conv.vqgan_state_dict else None
+    source = ModelSource(Path(meta_dir), "meta", conv.config, conv.state_dict, tokenizer, vqgan=vq)
     extra = {}
     if conv.tokenizer_json:
         extra["tokenizer.json"] = json.dumps(conv.tokenizer_json)

@@ -2,8 +2,6 @@
 
 flashnorm.py     FlashNorm fold (`fuselm flashify`) and the loader's rule for missing norm weights
 qknorm.py        qk-norm per-head <-> grouped (`fuselm regroup-qknorm`)
-meta_convert.py  Meta's original Chameleon release -> HF (`fuselm convert`); import it as a module
-                 (fuselm.transforms.meta_convert): archs.meta uses qknorm, so re-exporting it here would be circular.
 """
 
 from .flashnorm import HELP_FLASHIFY, HELP_FLASHIFY_STRICT, check_flashnorm_state, flashify, fold_plan

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from ..archs import is_norm_weight
+from ..config import is_norm_weight
 from ..config import ModelConfig
 from ..errors import FuselmError
 
@@ -170,11 +170,11 @@ def flashify(config: ModelConfig, state_dict: Mapping[str, torch.Tensor], *,
             if module + ".bias" not in sd:
                 sd[module + ".bias"] = torch.zeros(sd[module + ".weight"].shape[0], dtype=dtype)
                 zeros.append(module.split(".", 2)[-1])
-        new_config = new_config.replace(attention_bias=True, mlp_bias=True)
+        new_config = new_config.replace(qkv_bias=True, o_bias=True, mlp_bias=True)
         report.append(f"added {len(added_bias)} bias tensors holding W*beta (LayerNorm bias moved past the linear)"
                       + (f" and {len(zeros)} zero biases ({', '.join(sorted(set(zeros)))}) because the "
                          f"bias flag covers every linear" if zeros else "")
-                      + "; config now has attention_bias and mlp_bias (Falcon: bias) true")
+                      + "; config now has q/k/v, output and MLP biases (HF: attention_bias and mlp_bias; Falcon: bias) true")
     if strict and removed:
         new_config = new_config.replace(flashnorm=True)
         report.append(f"strict: removed {removed} folded norm tensor(s); config flashnorm=true "

@@ -1,14 +1,14 @@
 """ModelConfig: every architectural switch of the one Transformer, as data.
 
 Field names follow the checkpoint's own config.json keys where one exists (hidden_size, num_attention_heads, ...).
-Architecture-specific parsing lives in archs.py; this file knows no architecture names beyond the enum values.
+Architecture-specific parsing lives in the records of fuselm.archs; this file names no architecture.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
-from .errors import FuselmError
+from ..errors import FuselmError
 
 NORM_KINDS = ("rms", "layer")
 MLP_KINDS = ("swiglu", "gelu")
@@ -17,7 +17,7 @@ BLOCK_KINDS = ("pre_norm", "swin_norm", "parallel")
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str  # "llama" | "chameleon" | "falcon": which name tables apply (archs.py)
+    arch: str  # the name of the fuselm.archs record whose name tables and layouts apply
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -36,11 +36,13 @@ class ModelConfig:
     parallel_norms: int = 1
     qk_norm: bool = False  # LayerNorm over head_dim on q and k, before RoPE (Chameleon)
     qk_norm_eps: float = 1e-5
-    attention_bias: bool = False
+    qkv_bias: bool = False  # biases on q, k and v (Qwen2, Falcon with bias, FlashNorm-folded models)
+    o_bias: bool = False  # bias on the attention output projection
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None
+    sliding_window: int | None = None  # each query sees at most this many keys, itself included (Mistral)
     flashnorm: bool = False  # norm weights folded into the following linears (weights may be absent)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
@@ -58,6 +60,9 @@ class ModelConfig:
                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
             value = getattr(self, key)
             checks.append((isinstance(value, int) and value > 0, f"{key} must be a positive integer, got {value!r}"))
+        checks.append((self.sliding_window is None or (isinstance(self.sliding_window, int)
+                                                        and self.sliding_window > 0),
+                       f"sliding_window must be a positive integer or None, got {self.sliding_window!r}"))
         for ok, message in checks:
             if not ok:
                 raise FuselmError(f"invalid model config: {message}")

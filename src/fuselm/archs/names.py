@@ -1,4 +1,4 @@
-"""Tensor inventory of a config and the rename machinery shared by the name tables."""
+"""The rename machinery shared by the name tables: module templates with {i} for the layer index."""
 
 from __future__ import annotations
 
@@ -10,61 +10,12 @@ import torch
 from ..config import ModelConfig
 from ..errors import FuselmError
 
-# ---------------------------------------------------------------- tensor inventory
-
-def expected_shapes(config: ModelConfig, qk_norm_groups: tuple[int, int] | None = None) -> dict[str, tuple]:
-    """Internal tensor name -> shape for a model with this config.
-
-    qk_norm_groups: (q groups, k groups) of the qk-norm weights; None means one row per head.
-    Norm weights are listed even for FlashNorm models; the loader decides whether absence is allowed.
-    """
-    c = config
-    shapes: dict[str, tuple] = {"embed.weight": (c.vocab_size, c.hidden_size)}
-    norm_keys = ("weight", "bias") if c.norm_bias else ("weight",)
-    for k in norm_keys:
-        shapes[f"norm.{k}"] = (c.hidden_size,)
-    if not c.tie_word_embeddings:
-        shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
-    qg, kg = qk_norm_groups or (c.num_attention_heads, c.num_key_value_heads)
-    has_mlp_norm = not (c.block_kind == "parallel" and c.parallel_norms == 1)
-    for i in range(c.num_hidden_layers):
-        p = f"layers.{i}."
-        for k in norm_keys:
-            shapes[p + f"attn_norm.{k}"] = (c.hidden_size,)
-            if has_mlp_norm:
-                shapes[p + f"mlp_norm.{k}"] = (c.hidden_size,)
-        linears = {
-            "attn.q": (c.q_dim, c.hidden_size, c.attention_bias),
-            "attn.k": (c.kv_dim, c.hidden_size, c.attention_bias),
-            "attn.v": (c.kv_dim, c.hidden_size, c.attention_bias),
-            "attn.o": (c.hidden_size, c.q_dim, c.attention_bias),
-            "mlp.up": (c.intermediate_size, c.hidden_size, c.mlp_bias),
-            "mlp.down": (c.hidden_size, c.intermediate_size, c.mlp_bias),
-        }
-        if c.mlp_kind == "swiglu":
-            linears["mlp.gate"] = (c.intermediate_size, c.hidden_size, c.mlp_bias)
-        for name, (out_f, in_f, bias) in linears.items():
-            shapes[p + name + ".weight"] = (out_f, in_f)
-            if bias:
-                shapes[p + name + ".bias"] = (out_f,)
-        if c.qk_norm:
-            for k in ("weight", "bias"):
-                shapes[p + f"attn.q_norm.{k}"] = (qg, c.head_dim)
-                shapes[p + f"attn.k_norm.{k}"] = (kg, c.head_dim)
-    return shapes
-
-
-def is_norm_weight(name: str) -> bool:
-    """Weights that FlashNorm folds away (attn_norm, mlp_norm, final norm; never qk-norm)."""
-    return re.fullmatch(r"(layers\.\d+\.(attn_norm|mlp_norm)|norm)\.(weight|bias)", name) is not None
-
-
 
 def _template_regex(template: str) -> re.Pattern:
     return re.compile(re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)") + r"\.(?P<kind>weight|bias)$")
 
 
-def _rename(state_dict: Mapping[str, torch.Tensor], table: dict[str, str], source: str,
+def rename_tensors(state_dict: Mapping[str, torch.Tensor], table: dict[str, str], source: str,
             ignored: re.Pattern | None) -> dict[str, torch.Tensor]:
     """Rename by module table (src template -> dst template). Unknown names are an error."""
     patterns = [(_template_regex(src), dst) for src, dst in table.items()]
@@ -80,8 +31,6 @@ def _rename(state_dict: Mapping[str, torch.Tensor], table: dict[str, str], sourc
             if ignored is None or not ignored.match(name):
                 raise FuselmError(f"{source}: unexpected tensor {name!r} (not part of this architecture)")
     return out
-
-
 
 
 def translate_name(table: dict[str, str], name: str, *, fused_qkv: bool = False) -> str:

@@ -1,4 +1,4 @@
-"""`fuselm convert`: Meta's original Chameleon release -> what an HF directory holds.
+"""Reading Meta's original Chameleon release (`fuselm convert`, and `fuselm.load` of a Meta directory).
 
 Meta's download is laid out as
     data/models/7b/{consolidated.pth, params.json, consolidate_params.json}
@@ -161,7 +161,7 @@ def chameleon_tokenizer(text_tokenizer: Mapping) -> tuple[dict, dict[str, int]]:
 class MetaConversion:
     config: ModelConfig
     state_dict: dict[str, torch.Tensor]  # internal names (archs.internal_to_hf gives HF names)
-    vqgan_state_dict: dict[str, torch.Tensor] = field(default_factory=dict)  # HF names: model.vqmodel.*
+    vqgan_state_dict: dict[str, torch.Tensor] = field(default_factory=dict)  # VQGAN names (HF: under model.vqmodel.)
     tokenizer_json: dict | None = None  # write as tokenizer.json
     tokenizer_config: dict | None = None  # write as tokenizer_config.json
     report: list[str] = field(default_factory=list)
@@ -198,7 +198,7 @@ def convert_meta(path: str | Path, *, qk_norm: str = "per-head") -> MetaConversi
 
         vq = load_meta_vqgan(files.vqgan_ckpt, files.vqgan_yaml)
         extra["vq_config"] = vq.config.to_dict()
-        out.vqgan_state_dict = {"model.vqmodel." + k: v for k, v in vqgan_state_dict(vq).items()}
+        out.vqgan_state_dict = vqgan_state_dict(vq)
         report.append(f"VQGAN: {files.vqgan_ckpt} -> model.vqmodel.* (encoder and decoder)")
     else:
         report.append("VQGAN: no tokenizer/vqgan.ckpt + vqgan.yaml found; the output cannot read or draw images")

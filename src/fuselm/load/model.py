@@ -1,0 +1,127 @@
+"""fuselm.load(): read a model source (load/source.py), build the one Transformer, attach the tokenizers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .. import archs
+from ..config import ModelConfig, normalize_rope_scaling
+from ..errors import FuselmError
+from ..model.build import build_transformer, check_state_dict, parse_dtype
+from ..model.transformer import Transformer
+from ..tokenizer import Tokenizer
+from .gguf import native_kernels, quantized_modules
+from .source import ModelSource, read_source
+
+
+class Model:
+    """A loaded model: `.config`, `.tokenizer`, `.image_tokenizer` (or None), and `model(tokens) -> logits`."""
+
+    def __init__(self, transformer: Transformer, tokenizer: Tokenizer | None, *, image_tokenizer=None,
+                 source: str = "", file_type: str = ""):
+        self.transformer = transformer
+        self.tokenizer = tokenizer
+        self.image_tokenizer = image_tokenizer
+        self.source = source
+        self.file_type = file_type  # e.g. "hf", "gguf Q4_K_M"
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.transformer.config
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Full causal forward without cache: LongTensor [B, T] -> float32 logits [B, T, vocab]. Raw logits."""
+        if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.long, torch.int32) or tokens.ndim != 2:
+            raise FuselmError("model(tokens) expects an integer tensor of shape [batch, tokens]")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size):
+            raise FuselmError(f"token ids must be in [0, {self.config.vocab_size}), got {int(tokens.min())}.."
+                              f"{int(tokens.max())}")
+        if tokens.shape[1] > self.config.max_position_embeddings and not self.config.rope_scaling:
+            raise FuselmError(f"sequence of {tokens.shape[1]} tokens is longer than the model's context of "
+                              f"{self.config.max_position_embeddings}")
+        with torch.inference_mode():
+            return self.transformer(tokens.long())
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.transformer.parameters())
+
+
+def load(path: str | Path | None = None, *, dtype=None, device: str = "cpu", rope_scaling: dict | None = None,
+         dequantize_all: bool = False) -> Model:
+    """Load an HF directory, a .gguf file, a Meta Chameleon checkpoint directory, or "demo" (the bundled model).
+
+    Quantized GGUF matrices run from the file's bytes (and 16-bit ones too, when the native kernels exist);
+    dequantize_all=True makes every weight a dense tensor instead."""
+    target = parse_dtype(dtype)
+    source = read_source(path, keep_quantized=not dequantize_all,
+                         keep_16bit=not dequantize_all and native_kernels())
+    config = source.config
+    if rope_scaling is not None:
+        config = config.replace(rope_scaling=normalize_rope_scaling(rope_scaling, source="rope_scaling argument"))
+    elif config.rope_scaling is not None:
+        normalize_rope_scaling(config.rope_scaling, source=str(source.path))
+    state, modules, consumed = source.state, {}, set()
+    if source.qtypes:
+        target = target or torch.bfloat16
+        modules, consumed = quantized_modules(config, state, source.qtypes, source.row_orders, target, dense=False)
+    target = target or _default_dtype(state, source.kind)
+    state = check_state_dict(config, state, str(source.path), lambda n: _display_name(source, n), provided=consumed)
+    transformer = build_transformer(config, state, dtype=target, device=device, modules=modules)
+    return Model(transformer, _tokenizer(source), image_tokenizer=_image_tokenizer(source), source=str(source.path),
+                 file_type=source.file_type)
+
+
+def _display_name(source: ModelSource, name: str) -> str:
+    if source.kind == "gguf":
+        return archs.gguf_tensor_name(source.config, name)
+    if source.kind == "hf":
+        return archs.hf_tensor_name(source.config, name)
+    return name
+
+
+def _default_dtype(state: dict[str, torch.Tensor], kind: str) -> torch.dtype:
+    """Keep the checkpoint's float dtype (so weights stay memory-mapped), float32 if mixed; float16 GGUF
+    matrices compute in bfloat16 (float16 matmuls are slow on CPUs; bfloat16 keeps the range and uses AMX)."""
+    dtypes = {t.dtype for t in state.values() if t.is_floating_point() and (kind != "gguf" or t.ndim == 2)}
+    if len(dtypes) != 1:
+        return torch.float32
+    d = dtypes.pop()
+    return torch.bfloat16 if kind == "gguf" and d == torch.float16 else d
+
+
+def _tokenizer(source: ModelSource) -> Tokenizer | None:
+    """tokenizer.json beside the file wins (exact HF behaviour); otherwise the source's own tokenizer data."""
+    if source.tokenizer_files is not None and (source.tokenizer_files / "tokenizer.json").is_file():
+        if source.kind == "hf":
+            return Tokenizer.from_dir(source.tokenizer_files)
+        return Tokenizer.from_file(source.tokenizer_files / "tokenizer.json",
+                                   source.tokenizer_files / "tokenizer_config.json")
+    if source.kind == "gguf":
+        if "tokenizer.ggml.model" not in source.tokenizer:
+            return None
+        from ..formats.gguf_vocab import tokenizer_config_from_gguf, tokenizer_from_gguf
+
+        backend = tokenizer_from_gguf(source.tokenizer, source=str(source.path))
+        config = tokenizer_config_from_gguf(source.tokenizer)
+        return Tokenizer(backend, bos_token=config["bos_token"], eos_token=config["eos_token"],
+                         chat_template=config.get("chat_template"), add_bos=config["add_bos_token"],
+                         source=str(source.path))
+    if source.tokenizer is None:
+        return None
+    cfg = source.tokenizer_config or {}
+    return Tokenizer(source.tokenizer, bos_token=cfg.get("bos_token"), eos_token=cfg.get("eos_token"),
+                     add_bos=cfg.get("add_bos_token"), source=str(source.path))
+
+
+def _image_tokenizer(source: ModelSource):
+    if source.vqgan is None:
+        return None
+    from ..vision import ImageTokenizer, VQGANConfig, vqgan_from_hf_state_dict, vqgan_from_state_dict
+
+    vq_config, state = source.vqgan
+    if source.kind == "hf":
+        return ImageTokenizer(vqgan_from_hf_state_dict(vq_config, state))
+    config = VQGANConfig.from_dict(vq_config, source=str(source.path))
+    return ImageTokenizer(vqgan_from_state_dict(config, state, source=str(source.path)))
