@@ -3,9 +3,13 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 LLAMA_CPP_VERSION := 0.3.36
-# llama.cpp's native build segfaults on quantized models on AMX CPUs: build without AMX.
-LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
-  -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON \
+# llama.cpp's native build segfaults on quantized models on AMX CPUs: build without AMX (and without -march=native),
+# enabling each AVX-512 extension only where this CPU has it (an AVX2-only machine would die of SIGILL otherwise).
+CPU_FLAGS := $(shell grep -m1 '^flags' /proc/cpuinfo 2>/dev/null)
+has = $(if $(filter $(1),$(CPU_FLAGS)),ON,OFF)
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=$(call has,avx2) -DGGML_FMA=$(call has,fma) \
+  -DGGML_F16C=$(call has,f16c) -DGGML_AVX512=$(call has,avx512f) -DGGML_AVX512_VBMI=$(call has,avx512vbmi) \
+  -DGGML_AVX512_VNNI=$(call has,avx512_vnni) -DGGML_AVX512_BF16=$(call has,avx512_bf16) \
   -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF
 
 .PHONY: demo test install install-test lint bench clean screenshot
@@ -20,9 +24,13 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/python -m fuselm.quants.kernel_build || echo "native kernels unavailable: the torch fallback will be used"
 	touch $@
 
-# The reference llama.cpp build is cached in .venv: built once (about 4 minutes).
-$(VENV)/.llama-cpp: $(BIN)/python
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -q --no-cache-dir llama-cpp-python==$(LLAMA_CPP_VERSION)
+# The reference llama.cpp build is cached in .venv: built once (about 4 minutes) per set of CPU flags.
+LLAMA_STAMP := $(VENV)/.llama-cpp-avx512-$(call has,avx512f)
+$(LLAMA_STAMP): $(BIN)/python
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -q --no-cache-dir --force-reinstall --no-deps \
+	  llama-cpp-python==$(LLAMA_CPP_VERSION)
+	$(BIN)/pip install -q llama-cpp-python==$(LLAMA_CPP_VERSION)
+	rm -f $(VENV)/.llama-cpp-avx512-*
 	touch $@
 
 # The llama-cpp-python sdist carries llama.cpp's converter and vocab files used by interop tests.
@@ -32,7 +40,7 @@ $(VENV)/llama-sdist/.ok: $(BIN)/python
 	cd $(VENV)/llama-sdist && tar xzf llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz
 	touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed $(VENV)/.llama-cpp $(VENV)/llama-sdist/.ok
+$(VENV)/.installed-test: $(VENV)/.installed $(LLAMA_STAMP) $(VENV)/llama-sdist/.ok
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 

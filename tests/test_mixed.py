@@ -21,7 +21,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 import fuselm
 from fuselm import FuselmError
 from fuselm.generation.document import write_document
-from fuselm.generation.loop import GenState
+from fuselm.generation.decoder import SequenceState
 from fuselm.generation.mixed import generate_mixed
 from fuselm.generation.processors import ModalityMachine, TokenRoles, lumina_size_token
 from fuselm.generation.sampling import GREEDY
@@ -184,7 +184,7 @@ def test_masks_hold_on_random_logits(seed, layout, images, rows, cols, capacity,
                               stop_ids=[2, EOT])
     prompt = [0, 40, 41]
     machine.start(prompt)
-    state = GenState(prompt_len=len(prompt), capacity=len(prompt) + capacity)
+    state = SequenceState(prompt_len=len(prompt), capacity=len(prompt) + capacity)
     g = torch.Generator().manual_seed(seed)
     boost = torch.zeros(VOCAB)
     boost[[BOI, EOI, NEWLINE, *SIZE_IDS]] = 4.0  # make the structure tokens likely, so the masks are what stop them

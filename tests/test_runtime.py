@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import fuselm
 from fuselm import FuselmError
-from fuselm.generation.loop import decode_tokens
+from fuselm.generation.decoder import decode_ids
 from fuselm.generation.sampling import GREEDY, SamplingParams
 from fuselm.generation.stream import Done, TextDelta, TextStream
 from fuselm.model.cache import KVCache
@@ -110,8 +110,8 @@ def test_greedy_generation_equals_transformers(model_dirs, name):
         vocab = tiny_hf.chameleon_vocabulary_map()
         image_ids = torch.tensor([i for t, i in vocab.items() if t.startswith("IMGIMG")])
         processors = [lambda s, logits: logits.index_fill(1, image_ids, float("-inf"))]
-    ours = list(decode_tokens(model.transformer, prompt, max_new_tokens=24, sampling=GREEDY,
-                              processors=processors))
+    ours = list(decode_ids(model.transformer, prompt[0].tolist(), max_new_tokens=24, sampling=GREEDY,
+                           processors=processors))
     assert ours == ref
 
 
@@ -119,7 +119,7 @@ def test_sampling_is_seeded(model_dirs):
     model = fuselm.load(model_dirs["llama-gqa-untied"])
     prompt = torch.randint(0, tiny_hf.VOCAB, (1, 5))
     params = SamplingParams(temperature=1.0, top_k=20, top_p=0.9, min_p=0.01, repetition_penalty=1.1)
-    runs = [list(decode_tokens(model.transformer, prompt, max_new_tokens=16, sampling=params, seed=s))
+    runs = [list(decode_ids(model.transformer, prompt[0].tolist(), max_new_tokens=16, sampling=params, seed=s))
             for s in (3, 3, 4)]
     assert runs[0] == runs[1] and runs[0] != runs[2]
 

@@ -70,6 +70,41 @@ def make_falcon(tmp: Path, *, new_arch: bool = False, seed: int = 0, bias: bool 
     return tmp
 
 
+def make_qwen2(tmp: Path, *, tie: bool = False, seed: int = 0, **overrides) -> Path:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    settings = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                    tie_word_embeddings=tie, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, rope_theta=10000.0)
+    model = Qwen2ForCausalLM(Qwen2Config(**{**settings, **overrides})).eval()
+    _randomize_norms(model)
+    _randomize_biases(model)
+    model.save_pretrained(tmp)
+    return tmp
+
+
+def make_mistral(tmp: Path, *, window: int | None = 8, seed: int = 0, **overrides) -> Path:
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(seed)
+    settings = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                    rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, sliding_window=window)
+    model = MistralForCausalLM(MistralConfig(**{**settings, **overrides})).eval()
+    _randomize_norms(model)
+    model.save_pretrained(tmp)
+    return tmp
+
+
+def _randomize_biases(model: torch.nn.Module) -> None:
+    """Zero-initialised biases would hide a bias that is dropped or misplaced."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+
+
 def _randomize_norms(model: torch.nn.Module) -> None:
     """Random init leaves norms at ones/zeros, which would hide mistakes in how they are applied."""
     with torch.no_grad():
@@ -82,11 +117,18 @@ def _randomize_norms(model: torch.nn.Module) -> None:
 
 
 def hf_logits(directory: Path, ids: torch.Tensor) -> torch.Tensor:
-    from transformers import AutoConfig, ChameleonForConditionalGeneration, FalconForCausalLM, LlamaForCausalLM
+    from transformers import (
+        AutoConfig,
+        ChameleonForConditionalGeneration,
+        FalconForCausalLM,
+        LlamaForCausalLM,
+        MistralForCausalLM,
+        Qwen2ForCausalLM,
+    )
 
     kind = AutoConfig.from_pretrained(directory).model_type
     cls = {"llama": LlamaForCausalLM, "chameleon": ChameleonForConditionalGeneration,
-           "falcon": FalconForCausalLM}[kind]
+           "falcon": FalconForCausalLM, "qwen2": Qwen2ForCausalLM, "mistral": MistralForCausalLM}[kind]
     model = cls.from_pretrained(directory, torch_dtype=torch.float32).eval()
     with torch.no_grad():
         return model(ids).logits.float()

@@ -144,14 +144,14 @@ def config_from_gguf(metadata: Mapping, source: str, tensors: Mapping[str, tuple
             if value is not None and not isinstance(value, (list, tuple, np.ndarray)):
                 raise FuselmError(f"{source}: GGUF key {key!r} must be an array")
             return default if value is None else value
-        return readers[kind](metadata, key, source, default)
+        return readers[kind](metadata, key, source, default, "GGUF")
 
     names = set(tensors)
     shapes = tensors if isinstance(tensors, Mapping) else {}
     hidden = get(gguf.Keys.LLM.EMBEDDING_LENGTH)
     heads_key = gguf.Keys.Attention.HEAD_COUNT.format(arch=arch)
-    heads = uniform_int(metadata, heads_key, source, limit="heads")
-    kv_heads = uniform_int(metadata, gguf.Keys.Attention.HEAD_COUNT_KV.format(arch=arch), source, heads,
+    heads = uniform_int(metadata, heads_key, source, label="GGUF", limit="heads")
+    kv_heads = uniform_int(metadata, gguf.Keys.Attention.HEAD_COUNT_KV.format(arch=arch), source, heads, "GGUF",
                            limit="heads")
     head_dim = get(gguf.Keys.Attention.KEY_LENGTH, hidden // heads or 1)
     rope_dims = get(gguf.Keys.Rope.DIMENSION_COUNT, head_dim)
@@ -174,7 +174,7 @@ def config_from_gguf(metadata: Mapping, source: str, tensors: Mapping[str, tuple
         vocab_size=read_int({"vocab": vocab}, "vocab", source, limit="vocab"),
         hidden_size=read_int({"h": hidden}, "h", source, limit="width"),
         intermediate_size=uniform_int(metadata, gguf.Keys.LLM.FEED_FORWARD_LENGTH.format(arch=arch), source,
-                                      limit="width"),
+                                      label="GGUF", limit="width"),
         num_hidden_layers=get(gguf.Keys.LLM.BLOCK_COUNT),
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,

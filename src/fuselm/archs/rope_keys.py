@@ -91,7 +91,7 @@ def rope_scaling_gguf_keys(spec: RopeSpec, arch: str) -> dict[str, bool | int | 
     if t in ("ntk", "ntk-margin", "ntk-yarn"):
         out[FUSELM_BASE] = float(spec.base)
     if t == "ntk-yarn":
-        out[f"{p}.attn_factor"] = _ntkrope_frequencies(spec)[1]
+        out[f"{p}.attn_factor"] = rope_frequencies(spec)[1]
     return out
 
 

@@ -36,13 +36,13 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def read_int(cfg: Mapping, key: str, source: str, default: Any = MISSING, *, minimum: int = 1,
+def read_int(cfg: Mapping, key: str, source: str, default: Any = MISSING, label: str = "config", *, minimum: int = 1,
              limit: str | None = None) -> Any:
     """An integer in [minimum, LIMITS[limit]]; `default` (returned as is) when the key is absent or null."""
     value = _plain(cfg.get(key)) if isinstance(cfg, Mapping) else None
     if value is None:
         if default is MISSING:
-            raise FuselmError(f"{source}: missing required key {key!r}")
+            raise FuselmError(f"{source}: missing required {label} key {key!r}")
         return default
     if isinstance(value, float) and value.is_integer():
         value = int(value)
@@ -53,11 +53,11 @@ def read_int(cfg: Mapping, key: str, source: str, default: Any = MISSING, *, min
     return value
 
 
-def read_float(cfg: Mapping, key: str, source: str, default: Any = MISSING, *, positive: bool = True) -> Any:
+def read_float(cfg: Mapping, key: str, source: str, default: Any = MISSING, label: str = "config", *, positive: bool = True) -> Any:
     value = _plain(cfg.get(key)) if isinstance(cfg, Mapping) else None
     if value is None:
         if default is MISSING:
-            raise FuselmError(f"{source}: missing required key {key!r}")
+            raise FuselmError(f"{source}: missing required {label} key {key!r}")
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
             positive and value <= 0):
@@ -66,7 +66,7 @@ def read_float(cfg: Mapping, key: str, source: str, default: Any = MISSING, *, p
     return float(value)
 
 
-def read_bool(cfg: Mapping, key: str, source: str, default: bool = False) -> bool:
+def read_bool(cfg: Mapping, key: str, source: str, default: bool = False, label: str = "config") -> bool:
     value = _plain(cfg.get(key)) if isinstance(cfg, Mapping) else None
     if value is None:
         return default
@@ -75,11 +75,11 @@ def read_bool(cfg: Mapping, key: str, source: str, default: bool = False) -> boo
     return bool(value)
 
 
-def read_str(cfg: Mapping, key: str, source: str, default: Any = MISSING) -> Any:
+def read_str(cfg: Mapping, key: str, source: str, default: Any = MISSING, label: str = "config") -> Any:
     value = _plain(cfg.get(key)) if isinstance(cfg, Mapping) else None
     if value is None:
         if default is MISSING:
-            raise FuselmError(f"{source}: missing required key {key!r}")
+            raise FuselmError(f"{source}: missing required {label} key {key!r}")
         return default
     if not isinstance(value, str):
         raise FuselmError(f"{source}: key {key!r} is {_show(value)}; expected a string")
@@ -101,7 +101,8 @@ def read_token_ids(cfg: Mapping, key: str, source: str) -> tuple[int, ...]:
     return tuple(out)
 
 
-def uniform_int(cfg: Mapping, key: str, source: str, default: Any = MISSING, *, limit: str | None = None) -> Any:
+def uniform_int(cfg: Mapping, key: str, source: str, default: Any = MISSING, label: str = "config", *,
+                limit: str | None = None) -> Any:
     """llama.cpp allows per-layer arrays for head counts and ffn length; fuselm needs one value."""
     value = _plain(cfg.get(key)) if isinstance(cfg, Mapping) else None
     if isinstance(value, (list, tuple, np.ndarray)):
@@ -109,8 +110,8 @@ def uniform_int(cfg: Mapping, key: str, source: str, default: Any = MISSING, *, 
         if len(values) != 1:
             raise FuselmError(f"{source}: key {key!r} varies per layer ({_show(sorted(values, key=str))}); "
                               "fuselm needs one value")
-        return read_int({key: values.pop()}, key, source, default, limit=limit)
-    return read_int(cfg, key, source, default, limit=limit)
+        return read_int({key: values.pop()}, key, source, default, label, limit=limit)
+    return read_int(cfg, key, source, default, label, limit=limit)
 
 
 def _show(value: Any) -> str:

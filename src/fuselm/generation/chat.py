@@ -42,13 +42,16 @@ LLAMA3 = ChatTemplate(
 BUILTIN = {t.name: t for t in (CHAMELEON, ALFRED, LLAMA3)}
 
 
-def builtin_for(arch: str, vocab: dict[str, int]) -> ChatTemplate | None:
-    """Pick a built-in template from the architecture and the tokens the vocabulary really has."""
+def builtin_for(default: str | None, vocab: dict[str, int]) -> ChatTemplate | None:
+    """Pick a built-in template from the tokens the vocabulary really has, else the architecture's `default`
+    (the name of a BUILTIN template, from its archs record)."""
     if "<|start_header_id|>" in vocab and "<|eot_id|>" in vocab:
         return LLAMA3
-    if arch == "chameleon" or "<reserved08706>" in vocab:
+    if default in BUILTIN:
+        return BUILTIN[default]
+    if "<reserved08706>" in vocab:
         return CHAMELEON
-    if arch == "falcon" or "<end_message>" in vocab:
+    if "<end_message>" in vocab:
         return ALFRED
     return None
 

@@ -16,11 +16,9 @@ import torch
 from PIL import Image
 
 from ..errors import FuselmError
-from ..model.cache import KVCache
-from ..model.transformer import Transformer
 from ..vision import ImageVocab
-from .generate import DEFAULT_SAMPLING, default_stop_ids, encode_prompt, generate_text, is_chat
-from .loop import GenState, LogitsProcessor
+from .decoder import Decoder, LogitsProcessor, generator_for, new_state, next_token
+from .prompt import default_stop_ids, encode_prompt, has_images, is_chat
 from .processors import (
     IMAGES_MODES,
     LATENT_PER_GRID,
@@ -29,7 +27,7 @@ from .processors import (
     ModalityMachine,
     TokenRoles,
 )
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams
 from .stream import Done, Event, ImageDone, ImageProgress, ImageStart, TextDelta, TextStream
 
 LAYOUTS = ("chameleon", "lumina")
@@ -78,10 +76,13 @@ def generate_mixed(model, prompt, *, max_tokens: int = 256, sampling: SamplingPa
         raise FuselmError(f"progress_every must be an integer >= 0, got {progress_every!r}")
     it = model.image_tokenizer
     if it is None:
-        if images != "off" or _has_images(prompt):
+        if images != "off" or has_images(prompt):
             raise FuselmError(f"{model.source}: images={images!r} and image prompts need a model with an image "
                               "tokenizer (Chameleon)")
         ids, template_stops = encode_prompt(model, prompt)
+        from .prompt import DEFAULT_SAMPLING
+        from .text import generate_text
+
         yield from generate_text(model, ids, max_tokens=max_tokens, sampling=sampling or DEFAULT_SAMPLING,
                                  seed=seed, stop=tuple(stop) + template_stops, stop_token_ids=stop_token_ids,
                                  processors=processors)
@@ -108,10 +109,6 @@ def generate_mixed(model, prompt, *, max_tokens: int = 256, sampling: SamplingPa
                text_params=text_params, image_params=image_params, stop=tuple(stop) + template_stops,
                progress_every=progress_every, max_tokens=max_tokens)
     yield from run.events()
-
-
-def _has_images(prompt) -> bool:
-    return isinstance(prompt, (list, tuple)) and any(isinstance(p, Image.Image) for p in prompt)
 
 
 def model_vocab(model) -> dict[str, int]:
@@ -201,48 +198,6 @@ def _capacity(model, ids: list[int], max_tokens: int, setup: _Setup) -> int:
     return min(context, len(ids) + max_tokens)
 
 
-def _forward(model: Transformer, cache: KVCache, tokens: Sequence[int]) -> torch.Tensor:
-    """Feed the same tokens to every row of the cache; logits [B, V] of the last one."""
-    t = torch.tensor([list(tokens)] * cache.batch, dtype=torch.long, device=model.device)
-    return model(t, cache=cache, last_only=True)[:, -1]
-
-
-def guided_cache(model: Transformer, main: KVCache, contexts: Sequence[Sequence[int]], capacity: int) -> KVCache:
-    """A cache of 1 + len(contexts) rows: row 0 copies `main`, the others hold `contexts`, each right-aligned to
-    end at `main.length` (left padding is never attended to; RoPE positions count from each row's own start)."""
-    L = main.length
-    M = max((len(c) for c in contexts), default=0)
-    if M > L:
-        raise FuselmError(f"internal error: a guidance context ({M} tokens) is longer than the main one ({L})")
-    k0 = main.layers[0].k
-    out = KVCache(model.config, 1 + len(contexts), capacity, dtype=k0.dtype, device=k0.device)
-    out.pad = torch.tensor([0] + [L - len(c) for c in contexts], dtype=torch.long, device=k0.device)
-    side = None
-    if M:
-        side = KVCache(model.config, len(contexts), M, dtype=k0.dtype, device=k0.device)
-        side.pad = torch.tensor([M - len(c) for c in contexts], dtype=torch.long, device=k0.device)
-        rows = torch.tensor([[0] * (M - len(c)) + list(c) for c in contexts], dtype=torch.long, device=k0.device)
-        model(rows, cache=side, last_only=True)
-    for i, layer in enumerate(out.layers):
-        layer.k[:1, :, :L] = main.layers[i].k[:, :, :L]
-        layer.v[:1, :, :L] = main.layers[i].v[:, :, :L]
-        if side is not None:
-            layer.k[1:, :, L - M:L] = side.layers[i].k
-            layer.v[1:, :, L - M:L] = side.layers[i].v
-    out.length = L
-    return out
-
-
-def copy_back(guided: KVCache, main: KVCache) -> None:
-    """Row 0's positions written since the guided cache was built go back into the main cache."""
-    start, end = main.length, guided.length
-    main.check_room(end - start)
-    for src, dst in zip(guided.layers, main.layers):
-        dst.k[:, :, start:end] = src.k[:1, :, start:end]
-        dst.v[:, :, start:end] = src.v[:1, :, start:end]
-    main.length = end
-
-
 class _Run:
     """One generation: the decoding loop with its caches, and the events it yields."""
 
@@ -250,11 +205,11 @@ class _Run:
                  guidance: ClassifierFreeGuidance | None, processors, seed, text_params, image_params, stop,
                  progress_every: int, max_tokens: int):
         self.model, self.setup, self.ids = model, setup, ids
-        self.tr: Transformer = model.transformer
+        self.tr = model.transformer
         self.capacity, self.guidance = capacity, guidance
         self.machine = setup.machine
         self.processors = ([guidance] if guidance else []) + [self.machine, *processors]
-        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        self.generator = generator_for(seed)
         self.text_params, self.image_params = text_params, image_params
         self.stop, self.progress_every = stop, progress_every
         self.budget = capacity - len(ids) if setup.machine.images == "only" else max_tokens
@@ -268,11 +223,12 @@ class _Run:
 
     def events(self) -> Iterator[Event]:
         ids, m, roles = self.ids, self.machine, self.setup.roles
-        main = KVCache(self.model.config, 1, self.capacity, dtype=self.tr.dtype, device=self.tr.device)
-        cache = main
-        seq = list(ids)  # every token of the sequence; cache.length of them have been fed
-        state = GenState(prompt_len=len(ids), capacity=self.capacity)
-        history = torch.tensor([ids], dtype=torch.long, device=self.tr.device)
+        # The sequence's own row, plus one row per guidance context while an image is drawn with guidance.
+        rows = 1 + (len(self.guidance.contexts([])) if self.guidance is not None else 0)
+        decoder = Decoder(self.tr, rows, self.capacity)
+        state = new_state(ids, self.capacity, self.tr.device)
+        state.rows = [decoder.take_row(ids)]
+        seq = list(ids)  # every token of the sequence
         text = self._new_text_stream()
         reason = None
         t_start = time.perf_counter()
@@ -282,27 +238,22 @@ class _Run:
                 yield from self._image_start(m)
             while reason is None:
                 t0 = time.perf_counter()
-                if self.guidance is not None and m.in_image and cache is main:
+                guiding = self.guidance is not None and m.in_image and len(state.rows) == 1
+                if guiding:  # guidance rows join at begin-of-image: their contexts, then the image so far
                     start = max(i for i, t in enumerate(seq) if t == roles.boi)
-                    if start > main.length:
-                        _forward(self.tr, main, seq[main.length:start])
-                    t1 = time.perf_counter()
-                    room = start + 1 + m.image_length(largest=True)
-                    cache = guided_cache(self.tr, main, self.guidance.contexts(seq[:start]),
-                                         min(self.capacity, room))
-                    self.timings["cfg_prefill_s"] += time.perf_counter() - t1
-                logits = _forward(self.tr, cache, seq[cache.length:])
+                    for context in self.guidance.contexts(seq[:start]):
+                        state.rows.append(decoder.take_row(list(context) + seq[start:]))
+                fed = decoder.feed(state.rows)
+                logits = torch.stack([fed[row] for row in state.rows])
+                if guiding:
+                    self.timings["cfg_prefill_s"] += time.perf_counter() - t0
                 if first:
                     self.timings["prefill_s"] = time.perf_counter() - t0
                     first, t0 = False, time.perf_counter()
-                for p in self.processors:
-                    logits = p(state, logits)
                 modality = "image" if m.in_image else "text"
                 params = self.image_params if m.in_image else self.text_params
-                token = int(sample(logits[:1], params, self.generator, history)[0])
-                state.generated.append(token)
+                token = next_token(state, logits, self.processors, params, self.generator)
                 seq.append(token)
-                history = torch.cat([history, history.new_tensor([[token]])], dim=1)
                 self.timings[f"{modality}_s"] += time.perf_counter() - t0
                 self.counts[modality] += 1
                 (kind,) = m.sync(state.generated)
@@ -328,9 +279,8 @@ class _Run:
                     yield self._progress(m)
                 elif kind == "end":
                     yield self._image_done(seq)
-                    if cache is not main:
-                        copy_back(cache, main)
-                        cache = main
+                    decoder.release(state.rows[1:])  # guidance ends with the image
+                    state.rows = state.rows[:1]
                     if m.images == "only":
                         reason = "eos"
                         break
@@ -338,6 +288,8 @@ class _Run:
                     reason = "length"
                 elif state.position >= self.capacity:
                     reason = "context"
+                else:
+                    decoder.push(state.rows, [token])
         tail = "" if reason == "stop" else text.flush()
         if tail:
             yield TextDelta(tail)

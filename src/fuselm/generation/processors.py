@@ -1,7 +1,7 @@
 """Logits processors for mixed-modal decoding: the modality state machine and classifier-free guidance.
 
 Both follow the loop's contract `(state, logits[B, V]) -> logits[B or 1, V]`, so they also plug into
-`decode_tokens`. The machine reads the tokens sampled so far from `state.generated` (it never needs to be told),
+`fuselm.generation.decoder`. The machine reads the tokens sampled so far from `state.generated` (it never needs to be told),
 so it can be asked about the current mode at any time.
 
 Two image layouts (all special tokens are looked up by name, never by id):
@@ -22,7 +22,7 @@ import torch
 
 from ..errors import FuselmError
 from ..vision.vocab import ImageVocab
-from .loop import GenState
+from .decoder import SequenceState
 
 TEXT, IMAGE = "text", "image"
 IMAGES_MODES = ("off", "on", "only")
@@ -302,7 +302,7 @@ class ModalityMachine:
             return self.roles.newline
         return self.image_mask
 
-    def __call__(self, state: GenState, logits: torch.Tensor) -> torch.Tensor:
+    def __call__(self, state: SequenceState, logits: torch.Tensor) -> torch.Tensor:
         self.sync(state.generated)
         allowed = self.allowed(state.remaining)
         if isinstance(allowed, int):
@@ -366,7 +366,7 @@ class ClassifierFreeGuidance:
         image_only = [int(t) for t in context if int(t) in keep]
         return [image_only, [roles.bos] if roles.bos is not None else []]
 
-    def __call__(self, state: GenState, logits: torch.Tensor) -> torch.Tensor:
+    def __call__(self, state: SequenceState, logits: torch.Tensor) -> torch.Tensor:
         if logits.shape[0] == 1:
             return logits
         if logits.shape[0] != self.rows:

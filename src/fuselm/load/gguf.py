@@ -11,7 +11,7 @@ from ..model.build import qk_norm_groups
 
 
 def native_kernels() -> bool:
-    from .quants.kernel_build import native_library
+    from ..quants.kernel_build import native_library
 
     return native_library() is not None
 
@@ -27,9 +27,9 @@ def quantized_modules(config: ModelConfig, state: dict[str, torch.Tensor], qtype
 
     A layer's q/k/v (and gate/up) of one type become one QuantLinear over their stacked rows: one kernel call
     instead of three, which saves the fixed per-call cost and keeps the memory stream long."""
-    from .quants.embedding import QuantizedEmbedding
-    from .quants.kernels import QuantLinear
-    from .quants.tensor import QuantizedWeight
+    from ..quants.embedding import QuantizedEmbedding
+    from ..quants.kernels import QuantLinear
+    from ..quants.tensor import QuantizedWeight
 
     expected = expected_shapes(config, qk_norm_groups(config, state))
     weights: dict[str, QuantizedWeight] = {}

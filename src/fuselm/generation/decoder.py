@@ -1,0 +1,196 @@
+"""The one decoding loop: sequences with their own state share one KV cache with a length per row.
+
+A `SequenceState` is one sequence being decoded: its tokens, where it is, its sampler, its stop state, and the
+cache rows it owns (a main row, plus guidance rows while classifier-free guidance runs). `Decoder.feed` runs
+what the rows still need (prompts prefilled alone, in chunks; then one batched forward for every row that takes
+a single token), and `next_token` turns a sequence's logits into its next token through the logits processors
+(modality masks, guidance, user processors) and the sampler. Text generation, mixed-modal generation and the
+serving engine all drive these two.
+
+Logits processors are callables `(state, logits[rows, V]) -> logits[rows or 1, V]`; returning one row merges the
+sequence's rows (guidance). Sequences may join and leave between steps.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import FuselmError
+from ..model.cache import KVCache
+from ..model.transformer import Transformer
+from .sampling import SamplingParams, sample
+
+
+@dataclass
+class SequenceState:
+    prompt_len: int  # length of the prompt
+    capacity: int  # total positions the sequence may use (prompt + generated)
+    generated: list[int] = field(default_factory=list)
+    history: torch.Tensor | None = None  # [1, L] ids for the repetition penalty (prompt + generated)
+    timings: dict = field(default_factory=dict)
+    rows: list[int] = field(default_factory=list)  # cache rows: the sequence's own first, then guidance rows
+    finish_reason: str | None = None  # "eos", "stop", "length", "context", "cancelled", ... once it has ended
+
+    @property
+    def position(self) -> int:
+        """Position of the token about to be sampled."""
+        return self.prompt_len + len(self.generated)
+
+    @property
+    def remaining(self) -> int:
+        return self.capacity - self.position
+
+
+LogitsProcessor = Callable[[SequenceState, torch.Tensor], torch.Tensor]
+
+
+class Decoder:
+    """One model, one cache of `rows` rows of `capacity` positions each, and the rows' pending tokens."""
+
+    def __init__(self, model: Transformer, rows: int, capacity: int, *, prefill_chunk: int | None = None):
+        config = model.config
+        self.model, self.prefill_chunk = model, prefill_chunk
+        self.cache = KVCache(config, rows, capacity, dtype=model.dtype, device=model.device)
+        self.free = list(range(rows))
+        self.pending: dict[int, list[int]] = {}
+
+    @property
+    def capacity(self) -> int:
+        return self.cache.capacity
+
+    def take_row(self, tokens: Sequence[int] = ()) -> int:
+        """A free row for a new sequence (or guidance context), with `tokens` waiting to be fed."""
+        if not self.free:
+            raise FuselmError(f"internal error: all {self.cache.batch} cache rows are in use")
+        row = self.free.pop(0)
+        self.cache.reset_row(row)
+        self.pending[row] = [int(t) for t in tokens]
+        return row
+
+    def release(self, rows: Sequence[int]) -> None:
+        for row in rows:
+            self.pending.pop(row, None)
+            if row not in self.free:
+                self.free.append(row)
+        self.free.sort()
+
+    def length(self, row: int) -> int:
+        return int(self.cache.lengths[row])
+
+    def feed(self, rows: Sequence[int]) -> dict[int, torch.Tensor]:
+        """Feed each row's pending tokens; the logits [V] after each row's last token.
+
+        Rows with several tokens are prefilled alone (in chunks of prefill_chunk); the rows left with one token
+        then run as one batched forward, each row attending over exactly its own keys. A single-row cache takes
+        every pending token in one forward, exactly as one sequence decoding alone."""
+        out: dict[int, torch.Tensor] = {}
+        singles: list[tuple[int, int]] = []
+        with torch.inference_mode():
+            for row in rows:
+                tokens = self.pending.get(row) or []
+                if not tokens:
+                    raise FuselmError(f"internal error: cache row {row} has no token to feed")
+                self.pending[row] = []
+                if len(tokens) > 1 or self.cache.batch == 1:
+                    out[row] = self._forward_alone(row, tokens)
+                else:
+                    singles.append((row, tokens[0]))
+            if singles:
+                index = torch.tensor([row for row, _ in singles])
+                ids = torch.tensor([[token] for _, token in singles], dtype=torch.long, device=self.model.device)
+                logits = self.model(ids, cache=self.cache, rows=index)[:, -1]
+                out.update({row: logits[i] for i, (row, _) in enumerate(singles)})
+        return out
+
+    def _forward_alone(self, row: int, tokens: list[int]) -> torch.Tensor:
+        whole = self.cache.batch == 1  # the cache's only row: no row index, the single-sequence path
+        chunk = self.prefill_chunk or len(tokens)
+        logits = None
+        for start in range(0, len(tokens), chunk):
+            part = torch.tensor([tokens[start:start + chunk]], dtype=torch.long, device=self.model.device)
+            logits = self.model(part, cache=self.cache, last_only=True,
+                                rows=None if whole else torch.tensor([row]))[0, -1]
+        return logits
+
+    def push(self, rows: Sequence[int], tokens: Sequence[int]) -> None:
+        """Queue tokens to be fed to each of `rows` (a sampled token goes to every row of its sequence)."""
+        for row in rows:
+            self.pending.setdefault(row, []).extend(int(t) for t in tokens)
+
+
+def next_token(state: SequenceState, logits: torch.Tensor, processors: Sequence[LogitsProcessor],
+               sampling: SamplingParams | Callable[[SequenceState], SamplingParams],
+               generator: torch.Generator | None) -> int:
+    """Run the processors over a sequence's logits [rows, V], sample one token, and record it."""
+    for p in processors:
+        logits = p(state, logits)
+    params = sampling(state) if callable(sampling) else sampling
+    token = int(sample(logits[:1], params, generator, state.history)[0])
+    state.generated.append(token)
+    state.history = torch.cat([state.history, state.history.new_tensor([[token]])], dim=1)
+    return token
+
+
+def new_state(prompt: Sequence[int], capacity: int, device) -> SequenceState:
+    if not prompt:
+        raise FuselmError("the prompt is empty")
+    if len(prompt) >= capacity:
+        raise FuselmError(f"prompt of {len(prompt)} tokens leaves no room to generate (capacity {capacity})")
+    state = SequenceState(prompt_len=len(prompt), capacity=capacity)
+    state.history = torch.tensor([list(prompt)], dtype=torch.long, device=device)
+    return state
+
+
+def decode_ids(model: Transformer, prompt: Sequence[int], *, max_new_tokens: int,
+               sampling: SamplingParams | Callable[[SequenceState], SamplingParams],
+               processors: Sequence[LogitsProcessor] = (), seed: int | None = 0, stop_ids: Sequence[int] = (),
+               capacity: int | None = None, state: SequenceState | None = None) -> Iterator[int]:
+    """One sequence alone: yield sampled ids one by one (a stop id is yielded, then the loop ends). Ends early
+    when the cache is full; `state` (made here unless given) has the tokens, timings and finish reason."""
+    capacity = capacity or len(prompt) + max_new_tokens
+    state = state or new_state(prompt, capacity, model.device)
+    decoder = Decoder(model, 1, capacity)
+    state.rows = [decoder.take_row(prompt)]
+    generator, stops = generator_for(seed), {int(s) for s in stop_ids}
+    t0 = time.perf_counter()
+    t1 = None
+    while True:
+        logits = decoder.feed(state.rows)[state.rows[0]][None]
+        if t1 is None:
+            t1 = time.perf_counter()
+            state.timings["prefill_s"] = t1 - t0
+        token = next_token(state, logits, processors, sampling, generator)
+        state.timings["decode_s"] = time.perf_counter() - t1
+        yield token
+        if token in stops:
+            state.finish_reason = "eos"
+            return
+        if len(state.generated) >= max_new_tokens:
+            state.finish_reason = "length"
+            return
+        if state.position - 1 >= decoder.capacity:  # the cache is full: nothing more can be fed
+            state.finish_reason = "context"
+            return
+        decoder.push(state.rows, [token])
+
+
+def generator_for(seed: int | None) -> torch.Generator | None:
+    return torch.Generator().manual_seed(seed) if seed is not None else None
+
+
+class Timer:
+    """Adds wall time to named entries of a timings dict."""
+
+    def __init__(self, timings: dict, key: str):
+        self.timings, self.key = timings, key
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.timings[self.key] = self.timings.get(self.key, 0.0) + time.perf_counter() - self.t0
