@@ -25,24 +25,35 @@ class Codec:
     unpack: Callable[[torch.Tensor], Unpacked] | None  # uint8 [N, type_size] -> codes/scales per block
     dequantize: Callable[[torch.Tensor], torch.Tensor] | None = None  # element-wise types only
     chunk_elems: int = 1 << 18  # elements per quantize chunk: the search buffers scale with it
+    # with an importance vector: float32 rows [R, cols] and qw [cols] -> uint8 [R, row_bytes]; None where
+    # ggml ignores the vector (F32..BF16, Q8_0, TQ1_0, TQ2_0, MXFP4)
+    weighted: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
+    requires_imatrix: bool = False  # ggml_quantize_requires_imatrix
 
 
 CODECS: dict[str, Codec] = {
     "F32": Codec(plain.quantize_f32, None, plain.dequantize_f32),
     "F16": Codec(plain.quantize_f16, None, plain.dequantize_f16),
     "BF16": Codec(plain.quantize_bf16, None, plain.dequantize_bf16),
-    "Q4_0": Codec(legacy.quantize_q4_0, legacy.unpack_q4_0),
-    "Q4_1": Codec(legacy.quantize_q4_1, legacy.unpack_q4_1),
-    "Q5_0": Codec(legacy.quantize_q5_0, legacy.unpack_q5_0),
-    "Q5_1": Codec(legacy.quantize_q5_1, legacy.unpack_q5_1),
+    "Q4_0": Codec(legacy.quantize_q4_0, legacy.unpack_q4_0, weighted=legacy.quantize_q4_0_weighted),
+    "Q4_1": Codec(legacy.quantize_q4_1, legacy.unpack_q4_1, weighted=legacy.quantize_q4_1_weighted),
+    "Q5_0": Codec(legacy.quantize_q5_0, legacy.unpack_q5_0, weighted=legacy.quantize_q5_0_weighted),
+    "Q5_1": Codec(legacy.quantize_q5_1, legacy.unpack_q5_1, weighted=legacy.quantize_q5_1_weighted),
     "Q8_0": Codec(legacy.quantize_q8_0, legacy.unpack_q8_0),
-    "Q2_K": Codec(kquants.quantize_q2_k, kquants.unpack_q2_k, chunk_elems=1 << 17),
-    "Q3_K": Codec(kquants.quantize_q3_k, kquants.unpack_q3_k, chunk_elems=1 << 18),
-    "Q4_K": Codec(kquants.quantize_q4_k, kquants.unpack_q4_k, chunk_elems=1 << 17),
-    "Q5_K": Codec(kquants.quantize_q5_k, kquants.unpack_q5_k, chunk_elems=1 << 17),
-    "Q6_K": Codec(kquants.quantize_q6_k, kquants.unpack_q6_k, chunk_elems=1 << 18),
-    "IQ4_NL": Codec(iq4nl.quantize_iq4_nl, iq4nl.unpack_iq4_nl, chunk_elems=1 << 18),
-    "IQ4_XS": Codec(iq4nl.quantize_iq4_xs, iq4nl.unpack_iq4_xs, chunk_elems=1 << 18),
+    "Q2_K": Codec(kquants.quantize_q2_k, kquants.unpack_q2_k, chunk_elems=1 << 17,
+                  weighted=kquants.quantize_q2_k_weighted),
+    "Q3_K": Codec(kquants.quantize_q3_k, kquants.unpack_q3_k, chunk_elems=1 << 18,
+                  weighted=kquants.quantize_q3_k_weighted),
+    "Q4_K": Codec(kquants.quantize_q4_k, kquants.unpack_q4_k, chunk_elems=1 << 17,
+                  weighted=kquants.quantize_q4_k_weighted),
+    "Q5_K": Codec(kquants.quantize_q5_k, kquants.unpack_q5_k, chunk_elems=1 << 17,
+                  weighted=kquants.quantize_q5_k_weighted),
+    "Q6_K": Codec(kquants.quantize_q6_k, kquants.unpack_q6_k, chunk_elems=1 << 18,
+                  weighted=kquants.quantize_q6_k_weighted),
+    "IQ4_NL": Codec(iq4nl.quantize_iq4_nl, iq4nl.unpack_iq4_nl, chunk_elems=1 << 18,
+                    weighted=iq4nl.quantize_iq4_nl_weighted),
+    "IQ4_XS": Codec(iq4nl.quantize_iq4_xs, iq4nl.unpack_iq4_xs, chunk_elems=1 << 18,
+                    weighted=iq4nl.quantize_iq4_xs_weighted),
 }
 
 
@@ -64,14 +75,47 @@ def _as_float_matrix(x: torch.Tensor | np.ndarray, name: str) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
+def _as_importance(w: torch.Tensor | np.ndarray, cols: int, name: str) -> np.ndarray:
+    """The importance vector of a [rows, cols] tensor: float32 [cols], finite and >= 0."""
+    if isinstance(w, torch.Tensor):
+        if w.dtype != torch.float32:
+            raise FuselmError(f"tensor {name!r}: expected a float32 importance vector, got {w.dtype}")
+        w = w.detach().cpu().numpy()
+    w = np.asarray(w)
+    if w.dtype != np.float32:
+        raise FuselmError(f"tensor {name!r}: expected a float32 importance vector, got {w.dtype}")
+    if w.shape != (cols,):
+        raise FuselmError(
+            f"tensor {name!r}: expected an importance vector of shape ({cols},) (one value per column), "
+            f"got {w.shape}"
+        )
+    if not np.isfinite(w).all():
+        raise FuselmError(f"tensor {name!r}: the importance vector contains NaN or Inf values")
+    if (w < 0).any():
+        raise FuselmError(f"tensor {name!r}: the importance vector has negative values (min {float(w.min()):g})")
+    return np.ascontiguousarray(w)
+
+
+def requires_imatrix(type: str) -> bool:
+    """Whether llama.cpp refuses to quantize to `type` without an importance matrix (IQ1_S, IQ2_XXS, IQ2_XS)."""
+    return _codec(type)[1].requires_imatrix
+
+
 def quantize(
-    x: torch.Tensor | np.ndarray, type: str, *, name: str = "tensor", threads: int | None = None
+    x: torch.Tensor | np.ndarray,
+    type: str,
+    *,
+    imatrix: torch.Tensor | np.ndarray | None = None,
+    name: str = "tensor",
+    threads: int | None = None,
 ) -> torch.Tensor:
     """Quantize x [rows, cols] to GGML `type`: uint8 [rows, row_bytes], byte for byte what llama.cpp's
-    ggml_quantize_chunk (no importance matrix) writes.
+    ggml_quantize_chunk writes, given the same importance vector `imatrix` (float32 [cols], the per-column
+    mean squared activations) or none. Types ggml quantizes without one ignore it, as ggml does.
 
     Rows go through in chunks, spread over `threads` worker threads (default torch.get_num_threads()).
-    Raises FuselmError for an unknown type, cols not a multiple of the block size, or NaN/Inf values.
+    Raises FuselmError for an unknown type, cols not a multiple of the block size, NaN/Inf values, a bad
+    importance vector, or a type that requires one (requires_imatrix) without it.
     """
     tname, codec = _codec(type)
     x = _as_float_matrix(x, name)
@@ -81,6 +125,9 @@ def quantize(
         raise FuselmError(
             f"tensor {name!r}: row length {cols} is not a multiple of the {tname} block size {block}"
         )
+    qw = None if imatrix is None else _as_importance(imatrix, cols, name)
+    if qw is None and codec.requires_imatrix:
+        raise FuselmError(f"tensor {name!r}: {tname} requires an importance matrix (imatrix); none was given")
     out = np.empty((rows, row_bytes(tname, cols)), dtype=np.uint8)
     step = max(1, codec.chunk_elems // max(cols, 1))
 
@@ -89,7 +136,10 @@ def quantize(
         if not np.isfinite(chunk).all():
             raise FuselmError(f"tensor {name!r}: contains NaN or Inf values, cannot quantize to {tname}")
         with np.errstate(all="ignore"):  # ignored groups and too-large values make inf/NaN on the way
-            out[r0 : r0 + step] = codec.quantize(chunk.reshape(-1, block)).reshape(chunk.shape[0], -1)
+            if qw is not None and codec.weighted is not None:
+                out[r0 : r0 + step] = codec.weighted(chunk, qw)
+            else:
+                out[r0 : r0 + step] = codec.quantize(chunk.reshape(-1, block)).reshape(chunk.shape[0], -1)
 
     starts = range(0, rows, step)
     workers = min(len(starts), threads or torch.get_num_threads())
