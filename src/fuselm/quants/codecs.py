@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from fuselm.errors import FuselmError
-from fuselm.quants import iq4nl, kquants, legacy, plain
+from fuselm.quants import iq4nl, kquants, legacy, mxfp4, plain, ternary
 from fuselm.quants.ggml_types import ggml_type, row_bytes
 from fuselm.quants.unpacked import Unpacked
 
@@ -54,6 +54,9 @@ CODECS: dict[str, Codec] = {
                     weighted=iq4nl.quantize_iq4_nl_weighted),
     "IQ4_XS": Codec(iq4nl.quantize_iq4_xs, iq4nl.unpack_iq4_xs, chunk_elems=1 << 18,
                     weighted=iq4nl.quantize_iq4_xs_weighted),
+    "TQ1_0": Codec(ternary.quantize_tq1_0, ternary.unpack_tq1_0),
+    "TQ2_0": Codec(ternary.quantize_tq2_0, ternary.unpack_tq2_0),
+    "MXFP4": Codec(mxfp4.quantize_mxfp4, mxfp4.unpack_mxfp4, chunk_elems=1 << 16),
 }
 
 

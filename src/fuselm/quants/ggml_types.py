@@ -40,6 +40,9 @@ _TABLE: tuple[tuple[str, int, int, tuple[int, ...]], ...] = (
     ("Q6_K", QK_K, 128 + 64 + 16 + 2, (208,)),
     ("IQ4_NL", 32, 2 + 16, (0,)),
     ("IQ4_XS", QK_K, 2 + 2 + 4 + 128, (0,)),
+    ("TQ1_0", QK_K, 48 + 4 + 2, (52,)),
+    ("TQ2_0", QK_K, 64 + 2, (64,)),
+    ("MXFP4", 32, 1 + 16, ()),
 )
 
 GGML_TYPES: dict[str, GGMLType] = {
