@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from fuselm.errors import FuselmError
-from fuselm.quants import iq4nl, kquants, legacy, mxfp4, plain, ternary
+from fuselm.quants import iq2, iq4nl, kquants, legacy, mxfp4, plain, ternary
 from fuselm.quants.ggml_types import ggml_type, row_bytes
 from fuselm.quants.unpacked import Unpacked
 
@@ -29,6 +29,10 @@ class Codec:
     # ggml ignores the vector (F32..BF16, Q8_0, TQ1_0, TQ2_0, MXFP4)
     weighted: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
     requires_imatrix: bool = False  # ggml_quantize_requires_imatrix
+
+
+def _imatrix_only(x: np.ndarray) -> np.ndarray:
+    raise AssertionError("unreachable: quantize() refuses types that require an importance matrix without one")
 
 
 CODECS: dict[str, Codec] = {
@@ -57,6 +61,8 @@ CODECS: dict[str, Codec] = {
     "TQ1_0": Codec(ternary.quantize_tq1_0, ternary.unpack_tq1_0),
     "TQ2_0": Codec(ternary.quantize_tq2_0, ternary.unpack_tq2_0),
     "MXFP4": Codec(mxfp4.quantize_mxfp4, mxfp4.unpack_mxfp4, chunk_elems=1 << 16),
+    "IQ2_XS": Codec(_imatrix_only, iq2.unpack_iq2_xs, chunk_elems=1 << 16, weighted=iq2.quantize_iq2_xs,
+                    requires_imatrix=True),
 }
 
 

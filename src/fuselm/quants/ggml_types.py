@@ -43,6 +43,7 @@ _TABLE: tuple[tuple[str, int, int, tuple[int, ...]], ...] = (
     ("TQ1_0", QK_K, 48 + 4 + 2, (52,)),
     ("TQ2_0", QK_K, 64 + 2, (64,)),
     ("MXFP4", 32, 1 + 16, ()),
+    ("IQ2_XS", QK_K, 2 + 64 + 8, (0,)),
 )
 
 GGML_TYPES: dict[str, GGMLType] = {

@@ -1,0 +1,139 @@
+"""IQ2_XXS, IQ2_XS and IQ2_S (quantize_row_iq2_*_impl): groups of 8 magnitudes snapped to an E8 lattice grid,
+signs kept separately (7 bits, the eighth by parity), one 4-bit scale per 32 (XXS) or 16 (XS, S) elements.
+
+Each group tries a range of scales; for each, every 8 magnitudes are rounded to levels 0..2 and, when that
+point is off the grid, replaced by its best neighbour. All groups of a chunk go through a trial together.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fuselm.quants import qweights
+from fuselm.quants.cfloat import F32, GROUP_MAX_EPS, fp16_bytes, nearest_int
+from fuselm.quants.iq_grids import Lattice, best_neighbour, lattice
+from fuselm.quants.iqcommon import fold_signs, fp16, sign_bits, sum_last
+from fuselm.quants.ksearch import make_qp_quants
+from fuselm.quants.unpacked import Unpacked
+
+QK_K = 256
+K_MAX_Q = 3
+
+
+def _snap(lat: Lattice, xval: np.ndarray, waux: np.ndarray, id_: np.ndarray, scale: np.ndarray
+          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Round [G, n] magnitudes to levels with inverse scale id_ [G]; off-grid 8-groups take their best
+    neighbour under `scale`. -> (levels [G, n], grid index [G, n/8], was on the grid [G, n/8])."""
+    G, n = xval.shape
+    L = np.clip(nearest_int(F32(0.5) * (id_[:, None] * xval - F32(1))), 0, K_MAX_Q - 1).astype(np.uint8)
+    L = L.reshape(G, n // 8, 8)
+    index = lat.index_of[lat.key(L)]
+    on = index >= 0
+    g, h = np.nonzero(~on)
+    if g.size:
+        keys = lat.key(L[g, h])
+        found = best_neighbour(lat, keys, xval.reshape(G, -1, 8)[g, h], waux.reshape(G, -1, 8)[g, h], scale[g])
+        index[g, h] = found
+        L[g, h] = lat.levels[found]
+    return L.reshape(G, n), index, on
+
+
+def _fit(xval: np.ndarray, w: np.ndarray, L: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """sumqx, sumq2 of levels L with q = 2L + 1."""
+    q = F32(2) * L.astype(F32) + F32(1)
+    wq = w * q
+    return sum_last(w * xval * q), sum_last(wq * q)
+
+
+def _search(lat: Lattice, xval: np.ndarray, w: np.ndarray, waux: np.ndarray, top: np.ndarray, steps: range,
+            scale: np.ndarray, L: np.ndarray, requantize_all: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The trial scales id = (2*kMaxQ - 1 + 0.1*is) / top, then one requantization with the best scale.
+
+    requantize_all: IQ2_XXS redoes every 8-group with the final scale; IQ2_XS and IQ2_S only the off-grid
+    ones, and only if there are any. -> (scale [G], levels [G, n])."""
+    G, n = xval.shape
+    best = np.zeros(G, dtype=F32)
+    on_grid = np.ones((G, n // 8), dtype=bool)
+    for step in steps:
+        id_ = (F32(2 * K_MAX_Q - 1) + F32(step) * F32(0.1)) / top
+        Laux, _, on = _snap(lat, xval, waux, id_, F32(1) / id_)
+        sumqx, sumq2 = _fit(xval, w, Laux)
+        better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
+        scale = np.where(better, sumqx / sumq2, scale)
+        best = np.where(better, scale * sumqx, best)
+        L = np.where(better[:, None], Laux, L)
+        on_grid = np.where(better[:, None], on, on_grid)
+
+    redo = scale > 0
+    if not requantize_all:
+        redo &= ~on_grid.all(1)
+    r = np.flatnonzero(redo)
+    if r.size:
+        Lr, _, _ = _snap(lat, xval[r], waux[r], F32(1) / scale[r], scale[r])
+        if not requantize_all:  # the on-grid 8-groups keep their levels
+            keep = np.repeat(on_grid[r], 8, axis=1)
+            Lr = np.where(keep, L[r], Lr)
+        L[r] = Lr
+        sumqx, sumq2 = _fit(xval[r], w[r], Lr)
+        scale[r] = np.where(sumq2 > 0, sumqx / sumq2, scale[r])
+    return scale, L
+
+
+def _prepare(x: np.ndarray, qw: np.ndarray, n: int):
+    """Row chunk -> groups of n: magnitudes, weights, sqrt weights, sign bits [G, n/8], per-group max."""
+    w = qweights.superblock_weights(x, qw, scale=1.0).reshape(-1, 8)
+    xg = x.reshape(-1, 8)
+    xval, signs = fold_signs(xg, w)
+    xval, w = xval.reshape(-1, n), w.reshape(-1, n)
+    return xval, w, np.sqrt(w), signs.reshape(-1, n // 8), xval.max(axis=1)
+
+
+def _block_scales(scale: np.ndarray, per_block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Group scales [N*per_block] -> fp16 d [N] (max/31) and 4-bit codes [N, per_block]."""
+    s = scale.reshape(-1, per_block)
+    max_scale = np.maximum(s.max(axis=1), F32(0))
+    d = max_scale / F32(31)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        l = np.clip(nearest_int(F32(0.5) * ((F32(1) / d)[:, None] * s - F32(1))), 0, 15).astype(np.uint8)
+    return d, np.where(max_scale[:, None] > 0, l, 0).astype(np.uint8)
+
+
+def _finish_signs(scale: np.ndarray, signs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    flip = scale < 0  # "should never happen": ggml flips the scale and all signs
+    return np.abs(scale), np.where(flip[:, None], ~signs & 127, signs)
+
+
+# ---------------------------------------------------------------- IQ2_XS: scale per 16, 9-bit grid index
+
+
+def quantize_iq2_xs(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
+    lat = lattice("IQ2_XS")
+    xval, w, waux, signs, top = _prepare(x, qw, 16)
+    G = xval.shape[0]
+    live = top >= GROUP_MAX_EPS
+    scale = np.zeros(G, dtype=F32)
+    L = np.zeros((G, 16), dtype=np.uint8)
+    a = np.flatnonzero(live)
+    sc, La = _search(lat, xval[a], w[a], waux[a], top[a], range(-9, 10), top[a] / F32(2 * K_MAX_Q - 1),
+                     np.zeros((a.size, 16), dtype=np.uint8), requantize_all=False)
+    sc, signs[a] = _finish_signs(sc, signs[a])
+    scale[a], L[a] = sc, La
+    index = lat.index_of[lat.key(L.reshape(G, 2, 8))].astype(np.uint16)
+    q2 = np.where(live[:, None], index | (signs.astype(np.uint16) << 9), 0).reshape(-1, 32)
+    d, ls = _block_scales(scale, 16)
+    q2[d == 0] = 0
+    return np.concatenate([
+        fp16_bytes(d), q2.astype("<u2").view(np.uint8), ls[:, 0::2] | (ls[:, 1::2] << 4),
+    ], axis=1).reshape(x.shape[0], -1)
+
+
+def unpack_iq2_xs(b: torch.Tensor) -> Unpacked:
+    """codes: signed grid values (int8), scale d * (0.5 + ls) * 0.25 per 16."""
+    N = b.shape[0]
+    qs = b[:, 2:66].contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
+    grid = torch.from_numpy(lattice("IQ2_XS").values.astype(np.int8))[(qs & 511).long()]  # [N, 32, 8]
+    codes = (grid * sign_bits(qs >> 9)).reshape(N, QK_K)
+    sc = b[:, 66:74]
+    ls = torch.stack([sc & 0xF, sc >> 4], dim=2).reshape(N, 16).to(torch.float32)
+    return Unpacked(codes, fp16(b[:, :2]) * (0.5 + ls) * 0.25, None, 16)
