@@ -27,6 +27,8 @@ class Lattice:
     index_of: np.ndarray  # int32 [2**(bits*dim)]: grid index of a key, -1 when off the grid
     neighbour_row: np.ndarray  # int32 [2**(bits*dim)]: row in `neighbours` of an off-grid key, -1 if none
     neighbours: np.ndarray  # int32 [R, K]: grid indices in ggml's order, padded with -1
+    counts: np.ndarray  # int32 [R]: list lengths
+    pos_t: np.ndarray  # float32 [dim, G]: pos transposed (one gather per element)
 
     def key(self, L: np.ndarray) -> np.ndarray:
         """Level indices [..., dim] -> the key sum(l_i << bits*i)."""
@@ -84,18 +86,36 @@ def lattice(type_name: str) -> Lattice:
     neighbours = np.where(taken, order, -1)
     neighbour_row = np.full_like(index_of, -1)
     neighbour_row[keys] = np.arange(keys.size, dtype=np.int32)
-    return Lattice(levels, pos, values, bits, index_of, neighbour_row, neighbours)
+    counts = taken.sum(1).astype(np.int32)
+    return Lattice(levels, pos, values, bits, index_of, neighbour_row, neighbours, counts,
+                   np.ascontiguousarray(pos.T))
 
 
 def best_neighbour(lat: Lattice, keys: np.ndarray, xval: np.ndarray, w: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """iq*_find_best_neighbour for M off-grid points at once: keys [M], xval, w [M, dim], scale [M] -> grid
-    index [M] of the neighbour minimising sum w*(scale*q - x)^2 (summed in element order; first of equals)."""
-    nb = lat.neighbours[lat.neighbour_row[keys]]  # [M, K]
-    q = lat.pos[np.maximum(nb, 0)]  # [M, K, dim]
-    s = scale[:, None]
-    d2 = np.zeros(nb.shape, dtype=F32)
-    for i in range(q.shape[-1]):
-        diff = s * q[:, :, i] - xval[:, None, i]
-        d2 += w[:, None, i] * diff * diff
-    d2[nb < 0] = np.inf
-    return np.take_along_axis(nb, d2.argmin(axis=1)[:, None], axis=1)[:, 0]
+    index [M] of the neighbour minimising sum w*(scale*q - x)^2 (summed in element order; first of equals).
+
+    Lists run from a handful to hundreds of neighbours, so points go in buckets of similar list length."""
+    rows = lat.neighbour_row[keys]
+    counts = lat.counts[rows]
+    out = np.empty(keys.size, dtype=np.int32)
+    lo = 0
+    for hi in (8, 16, 32, 64, 128, lat.neighbours.shape[1]):
+        sel = np.flatnonzero((counts > lo) & (counts <= hi))
+        lo = hi
+        if not sel.size:
+            continue
+        K = int(counts[sel].max())
+        nb = lat.neighbours[rows[sel], :K]  # [m, K]
+        safe = np.maximum(nb, 0)
+        s = scale[sel, None]
+        d2 = np.zeros(nb.shape, dtype=F32)
+        for i in range(lat.pos.shape[1]):
+            diff = s * lat.pos_t[i][safe]
+            diff -= xval[sel, i, None]
+            term = w[sel, i, None] * diff  # (w*diff)*diff, C's order
+            term *= diff
+            d2 += term
+        d2[nb < 0] = np.inf
+        out[sel] = np.take_along_axis(nb, d2.argmin(axis=1)[:, None], axis=1)[:, 0]
+    return out
