@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from fuselm.errors import FuselmError
-from fuselm.quants import iq2, iq4nl, kquants, legacy, mxfp4, plain, ternary
+from fuselm.quants import iq2, iq3, iq4nl, kquants, legacy, mxfp4, plain, ternary
 from fuselm.quants.ggml_types import ggml_type, row_bytes
 from fuselm.quants.unpacked import Unpacked
 
@@ -63,6 +63,8 @@ CODECS: dict[str, Codec] = {
     "MXFP4": Codec(mxfp4.quantize_mxfp4, mxfp4.unpack_mxfp4, chunk_elems=1 << 16),
     "IQ2_XS": Codec(_imatrix_only, iq2.unpack_iq2_xs, chunk_elems=1 << 16, weighted=iq2.quantize_iq2_xs,
                     requires_imatrix=True),
+    "IQ3_XXS": Codec(iq3.quantize_iq3_xxs, iq3.unpack_iq3_xxs, chunk_elems=1 << 16, weighted=iq3.quantize_iq3_xxs),
+    "IQ3_S": Codec(iq3.quantize_iq3_s, iq3.unpack_iq3_s, chunk_elems=1 << 16, weighted=iq3.quantize_iq3_s),
 }
 
 

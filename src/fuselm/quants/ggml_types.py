@@ -44,6 +44,8 @@ _TABLE: tuple[tuple[str, int, int, tuple[int, ...]], ...] = (
     ("TQ2_0", QK_K, 64 + 2, (64,)),
     ("MXFP4", 32, 1 + 16, ()),
     ("IQ2_XS", QK_K, 2 + 64 + 8, (0,)),
+    ("IQ3_XXS", QK_K, 2 + 64 + 32, (0,)),
+    ("IQ3_S", QK_K, 2 + 64 + 8 + 32 + 4, (0,)),
 )
 
 GGML_TYPES: dict[str, GGMLType] = {

@@ -12,72 +12,14 @@ import torch
 
 from fuselm.quants import qweights
 from fuselm.quants.cfloat import F32, GROUP_MAX_EPS, fp16_bytes, nearest_int
-from fuselm.quants.iq_grids import Lattice, best_neighbour, lattice
-from fuselm.quants.iqcommon import fold_signs, fp16, sign_bits, sum_last
+from fuselm.quants.iq_grids import lattice
+from fuselm.quants.iqcommon import fold_signs, fp16, sign_bits
+from fuselm.quants.iqsearch import search
 from fuselm.quants.ksearch import make_qp_quants
 from fuselm.quants.unpacked import Unpacked
 
 QK_K = 256
 K_MAX_Q = 3
-
-
-def _snap(lat: Lattice, xval: np.ndarray, waux: np.ndarray, id_: np.ndarray, scale: np.ndarray
-          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Round [G, n] magnitudes to levels with inverse scale id_ [G]; off-grid 8-groups take their best
-    neighbour under `scale`. -> (levels [G, n], grid index [G, n/8], was on the grid [G, n/8])."""
-    G, n = xval.shape
-    L = np.clip(nearest_int(F32(0.5) * (id_[:, None] * xval - F32(1))), 0, K_MAX_Q - 1).astype(np.uint8)
-    L = L.reshape(G, n // 8, 8)
-    index = lat.index_of[lat.key(L)]
-    on = index >= 0
-    g, h = np.nonzero(~on)
-    if g.size:
-        keys = lat.key(L[g, h])
-        found = best_neighbour(lat, keys, xval.reshape(G, -1, 8)[g, h], waux.reshape(G, -1, 8)[g, h], scale[g])
-        index[g, h] = found
-        L[g, h] = lat.levels[found]
-    return L.reshape(G, n), index, on
-
-
-def _fit(xval: np.ndarray, w: np.ndarray, L: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """sumqx, sumq2 of levels L with q = 2L + 1."""
-    q = F32(2) * L.astype(F32) + F32(1)
-    wq = w * q
-    return sum_last(w * xval * q), sum_last(wq * q)
-
-
-def _search(lat: Lattice, xval: np.ndarray, w: np.ndarray, waux: np.ndarray, top: np.ndarray, steps: range,
-            scale: np.ndarray, L: np.ndarray, requantize_all: bool) -> tuple[np.ndarray, np.ndarray]:
-    """The trial scales id = (2*kMaxQ - 1 + 0.1*is) / top, then one requantization with the best scale.
-
-    requantize_all: IQ2_XXS redoes every 8-group with the final scale; IQ2_XS and IQ2_S only the off-grid
-    ones, and only if there are any. -> (scale [G], levels [G, n])."""
-    G, n = xval.shape
-    best = np.zeros(G, dtype=F32)
-    on_grid = np.ones((G, n // 8), dtype=bool)
-    for step in steps:
-        id_ = (F32(2 * K_MAX_Q - 1) + F32(step) * F32(0.1)) / top
-        Laux, _, on = _snap(lat, xval, waux, id_, F32(1) / id_)
-        sumqx, sumq2 = _fit(xval, w, Laux)
-        better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
-        scale = np.where(better, sumqx / sumq2, scale)
-        best = np.where(better, scale * sumqx, best)
-        L = np.where(better[:, None], Laux, L)
-        on_grid = np.where(better[:, None], on, on_grid)
-
-    redo = scale > 0
-    if not requantize_all:
-        redo &= ~on_grid.all(1)
-    r = np.flatnonzero(redo)
-    if r.size:
-        Lr, _, _ = _snap(lat, xval[r], waux[r], F32(1) / scale[r], scale[r])
-        if not requantize_all:  # the on-grid 8-groups keep their levels
-            keep = np.repeat(on_grid[r], 8, axis=1)
-            Lr = np.where(keep, L[r], Lr)
-        L[r] = Lr
-        sumqx, sumq2 = _fit(xval[r], w[r], Lr)
-        scale[r] = np.where(sumq2 > 0, sumqx / sumq2, scale[r])
-    return scale, L
 
 
 def _prepare(x: np.ndarray, qw: np.ndarray, n: int):
@@ -115,8 +57,8 @@ def quantize_iq2_xs(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
     scale = np.zeros(G, dtype=F32)
     L = np.zeros((G, 16), dtype=np.uint8)
     a = np.flatnonzero(live)
-    sc, La = _search(lat, xval[a], w[a], waux[a], top[a], range(-9, 10), top[a] / F32(2 * K_MAX_Q - 1),
-                     np.zeros((a.size, 16), dtype=np.uint8), requantize_all=False)
+    sc, La = search(lat, K_MAX_Q, xval[a], w[a], waux[a], top[a], range(-9, 10), 0.1,
+                    top[a] / F32(2 * K_MAX_Q - 1), np.zeros((a.size, 16), dtype=np.uint8), True, "off-grid")
     sc, signs[a] = _finish_signs(sc, signs[a])
     scale[a], L[a] = sc, La
     index = lat.index_of[lat.key(L.reshape(G, 2, 8))].astype(np.uint16)
