@@ -63,6 +63,9 @@ CODECS: dict[str, Codec] = {
     "MXFP4": Codec(mxfp4.quantize_mxfp4, mxfp4.unpack_mxfp4, chunk_elems=1 << 16),
     "IQ2_XS": Codec(_imatrix_only, iq2.unpack_iq2_xs, chunk_elems=1 << 16, weighted=iq2.quantize_iq2_xs,
                     requires_imatrix=True),
+    "IQ2_XXS": Codec(_imatrix_only, iq2.unpack_iq2_xxs, chunk_elems=1 << 16, weighted=iq2.quantize_iq2_xxs,
+                     requires_imatrix=True),
+    "IQ2_S": Codec(iq2.quantize_iq2_s, iq2.unpack_iq2_s, chunk_elems=1 << 16, weighted=iq2.quantize_iq2_s),
     "IQ3_XXS": Codec(iq3.quantize_iq3_xxs, iq3.unpack_iq3_xxs, chunk_elems=1 << 16, weighted=iq3.quantize_iq3_xxs),
     "IQ3_S": Codec(iq3.quantize_iq3_s, iq3.unpack_iq3_s, chunk_elems=1 << 16, weighted=iq3.quantize_iq3_s),
 }
