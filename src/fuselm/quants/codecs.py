@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from fuselm.errors import FuselmError
-from fuselm.quants import iq2, iq3, iq4nl, kquants, legacy, mxfp4, plain, ternary
+from fuselm.quants import iq1, iq2, iq3, iq4nl, kquants, legacy, mxfp4, plain, ternary
 from fuselm.quants.ggml_types import ggml_type, row_bytes
 from fuselm.quants.unpacked import Unpacked
 
@@ -66,6 +66,8 @@ CODECS: dict[str, Codec] = {
     "IQ2_XXS": Codec(_imatrix_only, iq2.unpack_iq2_xxs, chunk_elems=1 << 16, weighted=iq2.quantize_iq2_xxs,
                      requires_imatrix=True),
     "IQ2_S": Codec(iq2.quantize_iq2_s, iq2.unpack_iq2_s, chunk_elems=1 << 16, weighted=iq2.quantize_iq2_s),
+    "IQ1_S": Codec(_imatrix_only, iq1.unpack_iq1_s, chunk_elems=1 << 15, weighted=iq1.quantize_iq1_s,
+                   requires_imatrix=True),
     "IQ3_XXS": Codec(iq3.quantize_iq3_xxs, iq3.unpack_iq3_xxs, chunk_elems=1 << 16, weighted=iq3.quantize_iq3_xxs),
     "IQ3_S": Codec(iq3.quantize_iq3_s, iq3.unpack_iq3_s, chunk_elems=1 << 16, weighted=iq3.quantize_iq3_s),
 }

@@ -29,6 +29,7 @@ class Lattice:
     neighbours: np.ndarray  # int32 [R, K]: grid indices in ggml's order, padded with -1
     counts: np.ndarray  # int32 [R]: list lengths
     pos_t: np.ndarray  # float32 [dim, G]: pos transposed (one gather per element)
+    levels_t: np.ndarray  # uint8 [dim, G]
 
     def key(self, L: np.ndarray) -> np.ndarray:
         """Level indices [..., dim] -> the key sum(l_i << bits*i)."""
@@ -51,6 +52,8 @@ _SPECS = {
     "IQ2_S": ("IQ2_S", 2, 1, 2),
     "IQ3_XXS": ("IQ3_XXS", 3, 2, 7),
     "IQ3_S": ("IQ3_S", 3, 3, 7),
+    "IQ1_S": ("IQ1_S", 2, 3, 2),
+    "IQ1_M": ("IQ1_S", 2, 3, 2),  # IQ1_M shares IQ1_S's grid and neighbour lists
 }
 
 
@@ -88,12 +91,14 @@ def lattice(type_name: str) -> Lattice:
     neighbour_row[keys] = np.arange(keys.size, dtype=np.int32)
     counts = taken.sum(1).astype(np.int32)
     return Lattice(levels, pos, values, bits, index_of, neighbour_row, neighbours, counts,
-                   np.ascontiguousarray(pos.T))
+                   np.ascontiguousarray(pos.T), np.ascontiguousarray(levels.T))
 
 
-def best_neighbour(lat: Lattice, keys: np.ndarray, xval: np.ndarray, w: np.ndarray, scale: np.ndarray) -> np.ndarray:
+def best_neighbour(lat: Lattice, keys: np.ndarray, xval: np.ndarray, w: np.ndarray, scale: np.ndarray,
+                   level_values: np.ndarray | None = None) -> np.ndarray:
     """iq*_find_best_neighbour for M off-grid points at once: keys [M], xval, w [M, dim], scale [M] -> grid
     index [M] of the neighbour minimising sum w*(scale*q - x)^2 (summed in element order; first of equals).
+    q is 2l + 1 for a level l, or level_values[m, l] when given (IQ1's shifted levels, per point).
 
     Lists run from a handful to hundreds of neighbours, so points go in buckets of similar list length."""
     rows = lat.neighbour_row[keys]
@@ -111,7 +116,11 @@ def best_neighbour(lat: Lattice, keys: np.ndarray, xval: np.ndarray, w: np.ndarr
         s = scale[sel, None]
         d2 = np.zeros(nb.shape, dtype=F32)
         for i in range(lat.pos.shape[1]):
-            diff = s * lat.pos_t[i][safe]
+            if level_values is None:
+                q = lat.pos_t[i][safe]
+            else:
+                q = np.take_along_axis(level_values[sel], lat.levels_t[i][safe].astype(np.intp), axis=1)
+            diff = s * q
             diff -= xval[sel, i, None]
             term = w[sel, i, None] * diff  # (w*diff)*diff, C's order
             term *= diff
