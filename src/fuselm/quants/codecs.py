@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from fuselm.errors import FuselmError
-from fuselm.quants import iq1, iq2, iq3, iq4nl, kquants, legacy, mxfp4, plain, ternary
+from fuselm.quants import iq1, iq1m, iq2, iq3, iq4nl, kquants, legacy, mxfp4, plain, ternary
 from fuselm.quants.ggml_types import ggml_type, row_bytes
 from fuselm.quants.unpacked import Unpacked
 
@@ -68,6 +68,7 @@ CODECS: dict[str, Codec] = {
     "IQ2_S": Codec(iq2.quantize_iq2_s, iq2.unpack_iq2_s, chunk_elems=1 << 16, weighted=iq2.quantize_iq2_s),
     "IQ1_S": Codec(_imatrix_only, iq1.unpack_iq1_s, chunk_elems=1 << 15, weighted=iq1.quantize_iq1_s,
                    requires_imatrix=True),
+    "IQ1_M": Codec(iq1m.quantize_iq1_m, iq1m.unpack_iq1_m, chunk_elems=1 << 15, weighted=iq1m.quantize_iq1_m),
     "IQ3_XXS": Codec(iq3.quantize_iq3_xxs, iq3.unpack_iq3_xxs, chunk_elems=1 << 16, weighted=iq3.quantize_iq3_xxs),
     "IQ3_S": Codec(iq3.quantize_iq3_s, iq3.unpack_iq3_s, chunk_elems=1 << 16, weighted=iq3.quantize_iq3_s),
 }

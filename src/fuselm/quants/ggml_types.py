@@ -44,6 +44,7 @@ _TABLE: tuple[tuple[str, int, int, tuple[int, ...]], ...] = (
     ("TQ2_0", QK_K, 64 + 2, (64,)),
     ("MXFP4", 32, 1 + 16, ()),
     ("IQ1_S", QK_K, 2 + 32 + 16, (0,)),
+    ("IQ1_M", QK_K, 32 + 16 + 8, ()),  # its fp16 scale is spread over four nibbles
     ("IQ2_XXS", QK_K, 2 + 64, (0,)),
     ("IQ2_XS", QK_K, 2 + 64 + 8, (0,)),
     ("IQ2_S", QK_K, 2 + 64 + 8 + 8, (0,)),

@@ -74,7 +74,8 @@ def best_split(xb: np.ndarray, w: np.ndarray, levels: tuple[np.ndarray, ...]
 def snap_to_grid(lat: Lattice, xb: np.ndarray, w: np.ndarray, scale: np.ndarray, values: np.ndarray,
                  L: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Points of 8 levels [G, n] onto the grid; an off-grid point takes iq1_find_best_neighbour2's choice
-    (least sum w*(scale*values[l] - x)^2). values [G, 3]. -> (grid index [G, n/8], all on grid [G])."""
+    (least sum w*(scale*values[l] - x)^2). values [G, n/8, 3]: each point's level values.
+    -> (grid index [G, n/8], all on grid [G])."""
     G, n = L.shape
     Lp = L.reshape(G, -1, 8)
     keys = lat.key(Lp)
@@ -83,15 +84,15 @@ def snap_to_grid(lat: Lattice, xb: np.ndarray, w: np.ndarray, scale: np.ndarray,
     g, h = np.nonzero(off)
     if g.size:
         index[g, h] = best_neighbour(lat, keys[g, h], xb.reshape(G, -1, 8)[g, h], w.reshape(G, -1, 8)[g, h],
-                                     scale[g], values[g])
+                                     scale[g], values[g, h])
     return index, ~off.any(1)
 
 
 def refit(lat: Lattice, xb: np.ndarray, w: np.ndarray, index: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """sumqx, sumq2 of the grid points `index` [G, n/8] with q = values[level]."""
+    """sumqx, sumq2 of the grid points `index` [G, n/8] with q = values[point, level]."""
     G, n = xb.shape
-    levels = lat.levels[index].reshape(G, n).astype(np.intp)
-    q = np.take_along_axis(values, levels, axis=1)
+    levels = lat.levels[index].astype(np.intp)  # [G, n/8, 8]
+    q = np.take_along_axis(values, levels, axis=2).reshape(G, n)
     wq = w * q
     return sum_last(wq * xb), sum_last(wq * q)
 
@@ -111,7 +112,7 @@ def quantize_iq1_s(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
     flip = sc < 0
     L = np.where(flip[:, None], 2 - L, L)
     sc, sh = np.abs(sc), np.where(flip, -sh, sh)
-    values = np.where((sh == 1)[:, None], X_P, X_M)
+    values = np.broadcast_to(np.where((sh == 1)[:, None], X_P, X_M)[:, None, :], (sh.size, 4, 3))
     idx, on = snap_to_grid(lat, xb[a], w[a], sc, values, L)
     sumqx, sumq2 = refit(lat, xb[a], w[a], idx, values)
     sc = np.where(~on & (sumqx > 0) & (sumq2 > 0), sumqx / sumq2, sc)
