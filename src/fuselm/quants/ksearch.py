@@ -10,7 +10,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from fuselm.quants.cfloat import F32, GROUP_MAX_EPS, nearest_int, rdiv, select, seq_sum, signed_absmax
+from fuselm.quants.cfloat import (
+    F32,
+    GROUP_MAX_EPS,
+    first_extreme,
+    nearest_int,
+    rdiv,
+    select,
+    seq_sum,
+    signed_absmax,
+)
 
 
 def make_qkx2_quants(
@@ -23,7 +32,7 @@ def make_qkx2_quants(
     """
     n, G = x.shape
     mx = x.max(axis=0)
-    mn = x.min(axis=0)
+    mn = first_extreme(x, 0, largest=False)  # the sign of a zero min reaches Q4_1/Q5_1's stored m
     sum_w = seq_sum(w, from_zero=False)
     sum_x = seq_sum(w * x, from_zero=False)
     mn = np.where(mn > 0, F32(0), mn)
