@@ -77,7 +77,7 @@ def snap_to_grid(lat: Lattice, xb: np.ndarray, w: np.ndarray, scale: np.ndarray,
     (least sum w*(scale*values[l] - x)^2). values [G, n/8, 3]: each point's level values.
     -> (grid index [G, n/8], all on grid [G])."""
     G, n = L.shape
-    Lp = L.reshape(G, -1, 8)
+    Lp = L.reshape(G, n // 8, 8)
     keys = lat.key(Lp)
     index = lat.index_of[keys]
     off = index < 0
