@@ -88,7 +88,8 @@ def snap_to_grid(lat: Lattice, xb: np.ndarray, w: np.ndarray, scale: np.ndarray,
     return index, ~off.any(1)
 
 
-def refit(lat: Lattice, xb: np.ndarray, w: np.ndarray, index: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def refit(lat: Lattice, xb: np.ndarray, w: np.ndarray, index: np.ndarray, values: np.ndarray
+          ) -> tuple[np.ndarray, np.ndarray]:
     """sumqx, sumq2 of the grid points `index` [G, n/8] with q = values[point, level]."""
     G, n = xb.shape
     levels = lat.levels[index].astype(np.intp)  # [G, n/8, 8]

@@ -11,7 +11,7 @@ from fuselm.quants import qweights
 from fuselm.quants.cfloat import F32, nearest_int
 from fuselm.quants.iq1 import X_M, X_P, refit, snap_to_grid
 from fuselm.quants.iq_grids import lattice
-from fuselm.quants.iqcommon import fp16, sum_last
+from fuselm.quants.iqcommon import sum_last
 from fuselm.quants.unpacked import Unpacked
 
 QK_K = 256
