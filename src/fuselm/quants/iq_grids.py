@@ -28,8 +28,7 @@ class Lattice:
     neighbour_row: np.ndarray  # int32 [2**(bits*dim)]: row in `neighbours` of an off-grid key, -1 if none
     neighbours: np.ndarray  # int32 [R, K]: grid indices in ggml's order, padded with -1
     counts: np.ndarray  # int32 [R]: list lengths
-    pos_t: np.ndarray  # float32 [dim, G]: pos transposed (one gather per element)
-    levels_t: np.ndarray  # uint8 [dim, G]
+    neighbour_levels: np.ndarray  # float32 [R, dim, K]: the neighbours' levels, element-major (0 in the padding)
 
     def key(self, L: np.ndarray) -> np.ndarray:
         """Level indices [..., dim] -> the key sum(l_i << bits*i)."""
@@ -90,41 +89,41 @@ def lattice(type_name: str) -> Lattice:
     neighbour_row = np.full_like(index_of, -1)
     neighbour_row[keys] = np.arange(keys.size, dtype=np.int32)
     counts = taken.sum(1).astype(np.int32)
-    return Lattice(levels, pos, values, bits, index_of, neighbour_row, neighbours, counts,
-                   np.ascontiguousarray(pos.T), np.ascontiguousarray(levels.T))
+    neighbour_levels = np.ascontiguousarray(levels[np.maximum(neighbours, 0)].transpose(0, 2, 1)).astype(F32)
+    return Lattice(levels, pos, values, bits, index_of, neighbour_row, neighbours, counts, neighbour_levels)
 
 
 def best_neighbour(lat: Lattice, keys: np.ndarray, xval: np.ndarray, w: np.ndarray, scale: np.ndarray,
                    level_values: np.ndarray | None = None) -> np.ndarray:
     """iq*_find_best_neighbour for M off-grid points at once: keys [M], xval, w [M, dim], scale [M] -> grid
     index [M] of the neighbour minimising sum w*(scale*q - x)^2 (summed in element order; first of equals).
-    q is 2l + 1 for a level l, or level_values[m, l] when given (IQ1's shifted levels, per point).
+    q is 2l + 1 for a level l, or level_values[m, l] when given (IQ1's levels, evenly spaced by 1 per point).
 
     Lists run from a handful to hundreds of neighbours, so points go in buckets of similar list length."""
     rows = lat.neighbour_row[keys]
     counts = lat.counts[rows]
     out = np.empty(keys.size, dtype=np.int32)
     lo = 0
-    for hi in (8, 16, 32, 64, 128, lat.neighbours.shape[1]):
+    for hi in (4, 8, 16, 32, 64, 128, 256, lat.neighbours.shape[1]):
         sel = np.flatnonzero((counts > lo) & (counts <= hi))
         lo = hi
         if not sel.size:
             continue
         K = int(counts[sel].max())
-        nb = lat.neighbours[rows[sel], :K]  # [m, K]
-        safe = np.maximum(nb, 0)
-        s = scale[sel, None]
-        d2 = np.zeros(nb.shape, dtype=F32)
-        for i in range(lat.pos.shape[1]):
-            if level_values is None:
-                q = lat.pos_t[i][safe]
-            else:
-                q = np.take_along_axis(level_values[sel], lat.levels_t[i][safe].astype(np.intp), axis=1)
-            diff = s * q
-            diff -= xval[sel, i, None]
-            term = w[sel, i, None] * diff  # (w*diff)*diff, C's order
-            term *= diff
-            d2 += term
+        levels = lat.neighbour_levels[rows[sel], :, :K]  # [m, dim, K]
+        if level_values is None:
+            q = levels * F32(2)
+            q += F32(1)
+        else:  # levels v0, v0 + 1, v0 + 2: v0 + l is exact
+            q = levels + level_values[sel, :1, None]
+        q *= scale[sel, None, None]
+        q -= xval[sel, :, None]  # diff = scale*q - x
+        term = w[sel, :, None] * q  # (w*diff)*diff, C's order
+        term *= q
+        d2 = np.zeros((sel.size, K), dtype=F32)
+        for i in range(q.shape[1]):
+            d2 += term[:, i]
+        nb = lat.neighbours[rows[sel], :K]
         d2[nb < 0] = np.inf
         out[sel] = np.take_along_axis(nb, d2.argmin(axis=1)[:, None], axis=1)[:, 0]
     return out
