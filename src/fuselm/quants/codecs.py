@@ -21,18 +21,19 @@ from fuselm.quants.unpacked import Unpacked
 
 @dataclass(frozen=True)
 class Codec:
-    quantize: Callable[[np.ndarray], np.ndarray]  # float32 blocks [N, block] -> uint8 [N, type_size] (numpy)
+    # float32 blocks [N, block] -> uint8 [N, type_size] (numpy); None for types that require an imatrix
+    quantize: Callable[[np.ndarray], np.ndarray] | None
     unpack: Callable[[torch.Tensor], Unpacked] | None  # uint8 [N, type_size] -> codes/scales per block
     dequantize: Callable[[torch.Tensor], torch.Tensor] | None = None  # element-wise types only
     chunk_elems: int = 1 << 18  # elements per quantize chunk: the search buffers scale with it
     # with an importance vector: float32 rows [R, cols] and qw [cols] -> uint8 [R, row_bytes]; None where
     # ggml ignores the vector (F32..BF16, Q8_0, TQ1_0, TQ2_0, MXFP4)
     weighted: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
-    requires_imatrix: bool = False  # ggml_quantize_requires_imatrix
 
-
-def _imatrix_only(x: np.ndarray) -> np.ndarray:
-    raise AssertionError("unreachable: quantize() refuses types that require an importance matrix without one")
+    @property
+    def requires_imatrix(self) -> bool:
+        """ggml_quantize_requires_imatrix: ggml has no quantizer for the type without importance weights."""
+        return self.quantize is None
 
 
 CODECS: dict[str, Codec] = {
@@ -61,14 +62,11 @@ CODECS: dict[str, Codec] = {
     "TQ1_0": Codec(ternary.quantize_tq1_0, ternary.unpack_tq1_0),
     "TQ2_0": Codec(ternary.quantize_tq2_0, ternary.unpack_tq2_0),
     "MXFP4": Codec(mxfp4.quantize_mxfp4, mxfp4.unpack_mxfp4, chunk_elems=1 << 16),
-    "IQ2_XS": Codec(_imatrix_only, iq2.unpack_iq2_xs, chunk_elems=1 << 16, weighted=iq2.quantize_iq2_xs,
-                    requires_imatrix=True),
-    "IQ2_XXS": Codec(_imatrix_only, iq2.unpack_iq2_xxs, chunk_elems=1 << 16, weighted=iq2.quantize_iq2_xxs,
-                     requires_imatrix=True),
+    "IQ2_XS": Codec(None, iq2.unpack_iq2_xs, chunk_elems=1 << 16, weighted=iq2.quantize_iq2_xs),
+    "IQ2_XXS": Codec(None, iq2.unpack_iq2_xxs, chunk_elems=1 << 16, weighted=iq2.quantize_iq2_xxs),
     "IQ2_S": Codec(iq2.quantize_iq2_s, iq2.unpack_iq2_s, chunk_elems=1 << 16, weighted=iq2.quantize_iq2_s),
-    "IQ1_S": Codec(_imatrix_only, iq1.unpack_iq1_s, chunk_elems=1 << 15, weighted=iq1.quantize_iq1_s,
-                   requires_imatrix=True),
-    "IQ1_M": Codec(iq1m.quantize_iq1_m, iq1m.unpack_iq1_m, chunk_elems=1 << 15, weighted=iq1m.quantize_iq1_m),
+    "IQ1_S": Codec(None, iq1.unpack_iq1_s, chunk_elems=1 << 16, weighted=iq1.quantize_iq1_s),
+    "IQ1_M": Codec(iq1m.quantize_iq1_m, iq1m.unpack_iq1_m, chunk_elems=1 << 16, weighted=iq1m.quantize_iq1_m),
     "IQ3_XXS": Codec(iq3.quantize_iq3_xxs, iq3.unpack_iq3_xxs, chunk_elems=1 << 16, weighted=iq3.quantize_iq3_xxs),
     "IQ3_S": Codec(iq3.quantize_iq3_s, iq3.unpack_iq3_s, chunk_elems=1 << 16, weighted=iq3.quantize_iq3_s),
 }
@@ -155,7 +153,7 @@ def quantize(
         with np.errstate(all="ignore"):  # ignored groups and too-large values make inf/NaN on the way
             if qw is not None and codec.weighted is not None:
                 out[r0 : r0 + step] = codec.weighted(chunk, qw)
-            else:
+            else:  # codec.quantize is set: types without one were refused above
                 out[r0 : r0 + step] = codec.quantize(chunk.reshape(-1, block)).reshape(chunk.shape[0], -1)
 
     starts = range(0, rows, step)
@@ -206,7 +204,10 @@ def unpack(data: torch.Tensor | np.ndarray, type: str, shape: tuple[int, int]) -
     Per type: Q4_0/Q5_0/Q8_0 codes int8 (q - 8 / q - 16 / q), group 32, no min; Q4_1/Q5_1 codes uint8, min = -m;
     Q2_K codes uint8 0..3, group 16, min; Q3_K codes int8 -4..3, group 16; Q4_K/Q5_K codes uint8 0..15 / 0..31,
     group 32, min; Q6_K codes int8 -32..31, group 16; IQ4_NL/IQ4_XS codes are the int8 codebook values
-    (kvalues_iq4nl), group 32. In all cases w = scale * codes - min.
+    (kvalues_iq4nl), group 32; MXFP4 codes the int8 values of kvalues_mxfp4, group 32; TQ1_0/TQ2_0 codes
+    -1..1, group 256; IQ2/IQ3 codes the signed int8 grid values, group 16 (IQ2_XS, IQ2_S) or 32; IQ1_S/IQ1_M
+    codes 8 * (grid value +- 1/8), i.e. odd int8, with scale dl / 8, group 32 / 16.
+    In all cases w = scale * codes - min.
     """
     tname, codec = _codec(type)
     if codec.unpack is None:
