@@ -24,6 +24,20 @@ def e8m0_half(e: np.ndarray) -> np.ndarray:
     return bits.astype(np.uint32).view(F32)
 
 
+_MIDPOINTS = np.array([0.5, 1.5, 2.5, 3.5, 5, 7, 10], dtype=F32)  # between |KVALUES[0..7]|
+
+
+def _best_index(x: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """best_index_mxfp4 for blocks x [N, 32] with scales d [N]: the first codebook entry of least |k*d - x|.
+
+    d is a power of two and |x| < 16d, so |x|/d is exact and each error against the two nearest magnitudes is
+    exact (Sterbenz: neighbouring magnitudes are within a factor 2); the choice is the nearest magnitude with
+    ties to the smaller one (the lower index), on x's side (0, not -0, for the zero entry)."""
+    y = np.abs(x) / d[:, None]
+    j = np.searchsorted(_MIDPOINTS, y, side="left").astype(np.uint8)  # midpoints strictly below y
+    return np.where((x < 0) & (j > 0), j + 8, j).astype(np.uint8)
+
+
 def quantize_mxfp4(x: np.ndarray) -> np.ndarray:
     amax = amax_along(np.abs(x), 1)
     with np.errstate(divide="ignore"):
@@ -31,9 +45,7 @@ def quantize_mxfp4(x: np.ndarray) -> np.ndarray:
         log2 = np.log2(amax.astype(np.float64)).astype(F32)
         e = np.where(amax > 0, np.floor(log2) - F32(2) + F32(127), F32(0))
     e = (np.nan_to_num(e).astype(np.int64) & 0xFF).astype(np.uint8)
-    d = e8m0_half(e)
-    err = np.abs(_VALUES[None, None, :] * d[:, None, None] - x[:, :, None])
-    best = err.argmin(axis=2).astype(np.uint8)  # first minimum, as C's strict `<`
+    best = _best_index(x, e8m0_half(e))
     return np.concatenate([e[:, None], best[:, :16] | (best[:, 16:] << 4)], axis=1)
 
 
