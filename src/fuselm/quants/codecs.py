@@ -172,12 +172,15 @@ def _check_halves(out: np.ndarray, tname: str, name: str, x: np.ndarray) -> None
     """Values too large for the type overflow an fp16 scale (or the bf16 value) to inf; llama.cpp rejects
     such data when it validates rows, so refuse to write it."""
     t = ggml_type(tname)
-    if not t.half_fields or out.size == 0:
+    if out.size == 0:
         return
     exponent = 0x7F80 if tname == "BF16" else 0x7C00
     blocks = out.reshape(-1, t.type_size)
-    for off in t.half_fields:
-        half = blocks[:, off].astype(np.uint16) | (blocks[:, off + 1].astype(np.uint16) << 8)
+    halves = [blocks[:, off].astype(np.uint16) | (blocks[:, off + 1].astype(np.uint16) << 8) for off in t.half_fields]
+    if tname == "IQ1_M":  # its fp16 scale is the top nibbles of the four scale words
+        words = blocks[:, 48:56].copy().view("<u2")
+        halves.append(((words >> 12) << np.array([0, 4, 8, 12], dtype=np.uint16)).sum(1, dtype=np.uint16))
+    for half in halves:
         if ((half & exponent) == exponent).any():
             raise FuselmError(
                 f"tensor {name!r}: values too large for {tname} (max |x| = {float(np.abs(x).max()):g}): "
