@@ -29,6 +29,7 @@ class Lattice:
     neighbours: np.ndarray  # int32 [R, K]: grid indices in ggml's order, padded with -1
     counts: np.ndarray  # int32 [R]: list lengths
     neighbour_levels: np.ndarray  # float32 [R, dim, K]: the neighbours' levels, element-major (0 in the padding)
+    neighbour_pos: np.ndarray  # float32 [R, dim, K]: 2l + 1 of the same
 
     def key(self, L: np.ndarray) -> np.ndarray:
         """Level indices [..., dim] -> the key sum(l_i << bits*i)."""
@@ -90,7 +91,8 @@ def lattice(type_name: str) -> Lattice:
     neighbour_row[keys] = np.arange(keys.size, dtype=np.int32)
     counts = taken.sum(1).astype(np.int32)
     neighbour_levels = np.ascontiguousarray(levels[np.maximum(neighbours, 0)].transpose(0, 2, 1)).astype(F32)
-    return Lattice(levels, pos, values, bits, index_of, neighbour_row, neighbours, counts, neighbour_levels)
+    return Lattice(levels, pos, values, bits, index_of, neighbour_row, neighbours, counts, neighbour_levels,
+                   neighbour_levels * F32(2) + F32(1))
 
 
 def best_neighbour(lat: Lattice, keys: np.ndarray, xval: np.ndarray, w: np.ndarray, scale: np.ndarray,
@@ -104,18 +106,16 @@ def best_neighbour(lat: Lattice, keys: np.ndarray, xval: np.ndarray, w: np.ndarr
     counts = lat.counts[rows]
     out = np.empty(keys.size, dtype=np.int32)
     lo = 0
-    for hi in (4, 8, 16, 32, 64, 128, 256, lat.neighbours.shape[1]):
+    for hi in (3, 5, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, lat.neighbours.shape[1]):
         sel = np.flatnonzero((counts > lo) & (counts <= hi))
         lo = hi
         if not sel.size:
             continue
         K = int(counts[sel].max())
-        levels = lat.neighbour_levels[rows[sel], :, :K]  # [m, dim, K]
         if level_values is None:
-            q = levels * F32(2)
-            q += F32(1)
+            q = lat.neighbour_pos[rows[sel], :, :K]  # [m, dim, K]
         else:  # levels v0, v0 + 1, v0 + 2: v0 + l is exact
-            q = levels + level_values[sel, :1, None]
+            q = lat.neighbour_levels[rows[sel], :, :K] + level_values[sel, :1, None]
         q *= scale[sel, None, None]
         q -= xval[sel, :, None]  # diff = scale*q - x
         term = w[sel, :, None] * q  # (w*diff)*diff, C's order
@@ -123,7 +123,6 @@ def best_neighbour(lat: Lattice, keys: np.ndarray, xval: np.ndarray, w: np.ndarr
         d2 = np.zeros((sel.size, K), dtype=F32)
         for i in range(q.shape[1]):
             d2 += term[:, i]
-        nb = lat.neighbours[rows[sel], :K]
-        d2[nb < 0] = np.inf
-        out[sel] = np.take_along_axis(nb, d2.argmin(axis=1)[:, None], axis=1)[:, 0]
+        d2[np.arange(K) >= counts[sel, None]] = np.inf  # the padding
+        out[sel] = lat.neighbours[rows[sel], d2.argmin(axis=1)]
     return out
