@@ -178,7 +178,7 @@ def test_values_too_large_for_fp16_scales() -> None:
     """llama.cpp writes inf scales here and then rejects its own rows; fuselm refuses up front."""
     x = torch.randn(2, 256)
     x[1, 5] = 1e9
-    for type_name in ("Q8_0", "Q4_K", "Q6_K", "IQ4_NL", "F16"):
+    for type_name in ("Q8_0", "Q4_K", "Q6_K", "IQ4_NL", "F16", "TQ2_0", "IQ3_S", "IQ1_M"):
         assert not np.isfinite(dequantize(ggml_quantize(x.numpy(), type_name), type_name, (2, 256)).numpy()).all()
         with pytest.raises(FuselmError, match="too large for"):
             quantize(x, type_name, name="w")

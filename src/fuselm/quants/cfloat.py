@@ -61,10 +61,9 @@ def seq_sum(a: np.ndarray, from_zero: bool = True) -> np.ndarray:
     cols = flat.shape[1]
     if cols == 1:
         flat = np.concatenate([flat, np.zeros_like(flat)], axis=1)
-    s = flat.sum(axis=0)[:cols].reshape(a.shape[1:])
-    if from_zero:
-        s += F32(0)  # 0 + a0 + ... differs from a0 + ... only in the sign of a zero total
-    return s
+    # numpy starts a sum from +0.0; -0.0 + a0 == a0 exactly, so starting there is C's `s = a[0]`
+    start = F32(0.0) if from_zero else F32(-0.0)
+    return flat.sum(axis=0, initial=start)[:cols].reshape(a.shape[1:])
 
 
 def select(mask: np.ndarray, a: np.ndarray | float, b: np.ndarray) -> np.ndarray:

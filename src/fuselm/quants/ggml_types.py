@@ -40,6 +40,16 @@ _TABLE: tuple[tuple[str, int, int, tuple[int, ...]], ...] = (
     ("Q6_K", QK_K, 128 + 64 + 16 + 2, (208,)),
     ("IQ4_NL", 32, 2 + 16, (0,)),
     ("IQ4_XS", QK_K, 2 + 2 + 4 + 128, (0,)),
+    ("TQ1_0", QK_K, 48 + 4 + 2, (52,)),
+    ("TQ2_0", QK_K, 64 + 2, (64,)),
+    ("MXFP4", 32, 1 + 16, ()),
+    ("IQ1_S", QK_K, 2 + 32 + 16, (0,)),
+    ("IQ1_M", QK_K, 32 + 16 + 8, ()),  # its fp16 scale is spread over four nibbles
+    ("IQ2_XXS", QK_K, 2 + 64, (0,)),
+    ("IQ2_XS", QK_K, 2 + 64 + 8, (0,)),
+    ("IQ2_S", QK_K, 2 + 64 + 8 + 8, (0,)),
+    ("IQ3_XXS", QK_K, 2 + 64 + 32, (0,)),
+    ("IQ3_S", QK_K, 2 + 64 + 8 + 32 + 4, (0,)),
 )
 
 GGML_TYPES: dict[str, GGMLType] = {

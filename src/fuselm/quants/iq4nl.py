@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fuselm.quants import qweights
 from fuselm.quants.cfloat import F32, GROUP_MAX_EPS, fp16_bytes, inverse, nearest_int, select, seq_sum, signed_absmax
 from fuselm.quants.ksearch import SLICE
 from fuselm.quants.unpacked import Unpacked
@@ -48,8 +49,9 @@ def best_index(v: np.ndarray) -> np.ndarray:
     return _INDEX[_slot(v * F32(2))]
 
 
-def _group_scales(x: np.ndarray) -> np.ndarray:
-    """The float scale of each 32-group: x [32, G] -> scale [G] (0 for groups with max |x| < 1e-15).
+def _group_scales(x: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
+    """The float scale of each 32-group: x, w [32, G] -> scale [G] (0 for groups with max |x| < 1e-15).
+    The weights w default to x^2 (no importance matrix).
 
     The 16 trial scales only differ in the inverse scale, so their sums are computed together
     ([32, 16, groups] at a time); the choice among them then replays C's running comparison.
@@ -62,7 +64,7 @@ def _group_scales(x: np.ndarray) -> np.ndarray:
         tries = np.arange(-NTRY, NTRY + 1, dtype=F32) + F32(KVALUES[0])
         ids2 = np.concatenate([first[None], tries[:, None] / mx[None]]) * F32(2)  # [C, G]; (2*id)*x == 2*(id*x)
         C = ids2.shape[0]
-        w = x * x
+        w = x * x if w is None else w
         sumqx = np.empty((C, G), dtype=F32)
         sumq2 = np.empty((C, G), dtype=F32)
         for g0 in range(0, G, SLICE):
@@ -102,9 +104,26 @@ def quantize_iq4_nl(x: np.ndarray) -> np.ndarray:
     return np.concatenate([fp16_bytes(d), _pack(L)], axis=1)
 
 
-def quantize_iq4_xs(x: np.ndarray) -> np.ndarray:
+def quantize_iq4_nl_weighted(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
+    """With importance weights qw * sqrt(sigma2 + x^2), sigma2 = 2/32 * sum(x^2) of the block."""
+    xb = x.reshape(-1, 32)
+    sigma2 = qweights.sum_squares(xb) * F32(2 / 32)
+    w = qweights.weights(xb, qweights.tile(qw, x.shape[0], 32), sigma2)
+    d = _group_scales(np.ascontiguousarray(xb.T), np.ascontiguousarray(w.T))
+    L = best_index(inverse(d)[:, None] * xb)
+    return np.concatenate([fp16_bytes(d), _pack(L)], axis=1).reshape(x.shape[0], -1)
+
+
+def quantize_iq4_xs_weighted(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
+    """With importance weights qw * sqrt(sigma2 + x^2), sigma2 = 2/256 * sum(x^2) of the super-block."""
+    w = qweights.superblock_weights(x, qw)
+    return quantize_iq4_xs(x.reshape(-1, 256), w).reshape(x.shape[0], -1)
+
+
+def quantize_iq4_xs(x: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
     N = x.shape[0]
-    scales = _group_scales(np.ascontiguousarray(x.reshape(-1, 32).T)).reshape(N, 8)
+    wg = None if w is None else np.ascontiguousarray(w.reshape(-1, 32).T)
+    scales = _group_scales(np.ascontiguousarray(x.reshape(-1, 32).T), wg).reshape(N, 8)
     _, max_scale = signed_absmax(scales, 1)
     d = -max_scale / F32(32)
     l = np.clip(nearest_int(inverse(d)[:, None] * scales), -32, 31)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fuselm.quants import qweights
 from fuselm.quants.bits import unpack_bits
 from fuselm.quants.cfloat import (
     F32,
@@ -22,7 +23,7 @@ from fuselm.quants.cfloat import (
     seq_sum,
     signed_absmax,
 )
-from fuselm.quants.ksearch import make_q3_quants, make_qkx2_quants, make_qx_quants
+from fuselm.quants.ksearch import make_q3_quants, make_qkx2_quants, make_qp_quants, make_qx_quants
 from fuselm.quants.unpacked import Unpacked
 
 QK_K = 256
@@ -109,6 +110,38 @@ def _unpack_scales_k4(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sc, mn
 
 
+def _quantize_k45_weighted(x: np.ndarray, qw: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """quantize_row_q4_K_impl / q5_K_impl: make_qkx3_quants per 32 with the importance weights, then the
+    scales and mins searched by make_qp_quants weighted by each group's total weight."""
+    w = qweights.superblock_weights(x, qw)
+    N = w.shape[0]
+    xs, ws = _groups(x.reshape(-1, QK_K), 32), _groups(w, 32)
+    scales, mins, L = make_qkx2_quants(xs, ws, nmax, -0.9, 0.05, 36, use_mad=False)
+    sw = seq_sum(ws).reshape(N, 8).T
+    d, Ls = make_qp_quants(np.ascontiguousarray(scales.reshape(N, 8).T), 63, sw)
+    dmin, Lm = make_qp_quants(np.ascontiguousarray(mins.reshape(N, 8).T), 63, sw)
+    ls, lm = Ls.T.astype(np.uint8), Lm.T.astype(np.uint8)
+    if nmax == 31:  # only Q5_K clamps
+        ls, lm = np.minimum(ls, 63), np.minimum(lm, 63)
+    packed = _pack_scales_k4(ls, lm)
+    sc, mn = (t.numpy().astype(F32) for t in _unpack_scales_k4(torch.from_numpy(packed)))
+    dj = (fp16_round(d)[:, None] * sc).reshape(-1)
+    mj = (fp16_round(dmin)[:, None] * mn).reshape(-1)
+    L = _blocks(_requantize(xs, L, dj, mj, 0, nmax, 0))
+    return np.concatenate([fp16_bytes(d), fp16_bytes(dmin), packed], axis=1), L
+
+
+def quantize_q4_k_weighted(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
+    head, L = _quantize_k45_weighted(x, qw, 15)
+    return np.concatenate([head, _pack_nibbles64(L)], axis=1).reshape(x.shape[0], -1)
+
+
+def quantize_q5_k_weighted(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
+    head, L = _quantize_k45_weighted(x, qw, 31)
+    out = np.concatenate([head, _pack_bits32(L >> 4), _pack_nibbles64(L & 0xF)], axis=1)
+    return out.reshape(x.shape[0], -1)
+
+
 def _quantize_k45(x: np.ndarray, nmax: int, rmin: float, nstep: int) -> tuple[np.ndarray, np.ndarray]:
     N = x.shape[0]
     xs = _groups(x, 32)
@@ -180,6 +213,23 @@ def quantize_q2_k(x: np.ndarray) -> np.ndarray:
     return np.concatenate([sc, _pack_2bit(L), fp16_bytes(d), fp16_bytes(dmin)], axis=1)
 
 
+def quantize_q2_k_weighted(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
+    """quantize_row_q2_K_impl: make_qkx3_quants per 16, scales and mins by make_qp_quants."""
+    w = qweights.superblock_weights(x, qw, scale=1.0)
+    N = w.shape[0]
+    xs, ws = _groups(x.reshape(-1, QK_K), 16), _groups(w, 16)
+    scales, mins, L = make_qkx2_quants(xs, ws, 3, -0.9, 0.05, 36, use_mad=False)
+    sw = seq_sum(ws).reshape(N, 16).T
+    d, Ls = make_qp_quants(np.ascontiguousarray(scales.reshape(N, 16).T), 15, sw)
+    dmin, Lm = make_qp_quants(np.ascontiguousarray(mins.reshape(N, 16).T), 15, sw)
+    sc = _to_u8(Ls.T.astype(np.int32) | (Lm.T.astype(np.int32) << 4))
+    dj = (fp16_round(d)[:, None] * (sc & 0xF).astype(F32)).reshape(-1)
+    mj = (fp16_round(dmin)[:, None] * (sc >> 4).astype(F32)).reshape(-1)
+    L = _blocks(_requantize(xs, L, dj, mj, 0, 3, 0))
+    out = np.concatenate([sc, _pack_2bit(L), fp16_bytes(d), fp16_bytes(dmin)], axis=1)
+    return out.reshape(x.shape[0], -1)
+
+
 def unpack_q2_k(b: torch.Tensor) -> Unpacked:
     """codes uint8 0..3, scale d*(sc & 15) and min dmin*(sc >> 4) per 16."""
     sc = b[:, :16]
@@ -203,13 +253,31 @@ def quantize_q3_k(x: np.ndarray) -> np.ndarray:
         l8 = np.where(nonzero[:, None], l8, 0).astype(np.int32)
     l8 = ((l8 + 128) & 0xFF) - 128  # the int8_t store
     l = np.where(nonzero[:, None], np.clip(l8, -32, 31) + 32, 0)
-    high = np.bitwise_or.reduce((l >> 4).reshape(N, 4, 4) << np.array([0, 2, 4, 6]).reshape(1, 4, 1), axis=1)
-    packed = np.concatenate([(l[:, :8] & 0xF) | ((l[:, 8:] & 0xF) << 4), high], axis=1).astype(np.uint8)
     with np.errstate(divide="ignore"):
         d = np.where(nonzero, F32(1) / iscale, F32(0))
+    return _finish_q3_k(xs, L, l, d)
+
+
+def _finish_q3_k(xs: np.ndarray, L: np.ndarray, l: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Pack the 6-bit scales l [N, 16] (0..63, i.e. sc + 32) and fp16 d, re-derive the codes from them."""
+    N = l.shape[0]
+    high = np.bitwise_or.reduce((l >> 4).reshape(N, 4, 4) << np.array([0, 2, 4, 6]).reshape(1, 4, 1), axis=1)
+    packed = np.concatenate([(l[:, :8] & 0xF) | ((l[:, 8:] & 0xF) << 4), high], axis=1).astype(np.uint8)
     dj = (fp16_round(d)[:, None] * (l - 32).astype(F32)).reshape(-1)
     L = _blocks(_requantize(xs, L, dj, None, -4, 3, 4))
     return np.concatenate([_pack_bits32(L > 3), _pack_2bit(L & 3), packed, fp16_bytes(d)], axis=1)
+
+
+def quantize_q3_k_weighted(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
+    """quantize_row_q3_K_impl: make_qx_quants per 16 with the importance weights, the 16 scales by
+    make_qx_quants weighted by each group's total weight."""
+    w = qweights.superblock_weights(x, qw)
+    N = w.shape[0]
+    xs, ws = _groups(x.reshape(-1, QK_K), 16), _groups(w, 16)
+    scales, L = make_qx_quants(xs, 4, ws)
+    sw = seq_sum(ws).reshape(N, 16).T
+    d, Ls = make_qx_quants(np.ascontiguousarray(scales.reshape(N, 16).T), 32, np.ascontiguousarray(sw))
+    return _finish_q3_k(xs, L, Ls.T.astype(np.int32), d).reshape(x.shape[0], -1)
 
 
 def unpack_q3_k(b: torch.Tensor) -> Unpacked:
@@ -226,10 +294,16 @@ def unpack_q3_k(b: torch.Tensor) -> Unpacked:
 # ---------------------------------------------------------------- Q6_K: 16 x 16, int8 scales
 
 
-def quantize_q6_k(x: np.ndarray) -> np.ndarray:
+def quantize_q6_k_weighted(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
+    """quantize_row_q6_K_impl: the importance vector itself is the weight (no sigma2 term)."""
+    qwb = qweights.tile(qw, x.shape[0], QK_K)
+    return quantize_q6_k(x.reshape(-1, QK_K), _groups(qwb, 16)).reshape(x.shape[0], -1)
+
+
+def quantize_q6_k(x: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
     N = x.shape[0]
     xs = _groups(x, 16)
-    scales, L = make_qx_quants(xs, 32)
+    scales, L = make_qx_quants(xs, 32, w)
     scales = scales.reshape(N, 16)
     amax, max_scale = signed_absmax(scales, 1)
     zero = amax < GROUP_MAX_EPS

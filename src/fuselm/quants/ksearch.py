@@ -10,7 +10,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from fuselm.quants.cfloat import F32, GROUP_MAX_EPS, nearest_int, rdiv, select, seq_sum, signed_absmax
+from fuselm.quants.cfloat import (
+    F32,
+    GROUP_MAX_EPS,
+    first_extreme,
+    nearest_int,
+    rdiv,
+    select,
+    seq_sum,
+    signed_absmax,
+)
 
 
 def make_qkx2_quants(
@@ -23,7 +32,7 @@ def make_qkx2_quants(
     """
     n, G = x.shape
     mx = x.max(axis=0)
-    mn = x.min(axis=0)
+    mn = first_extreme(x, 0, largest=False)  # the sign of a zero min reaches Q4_1/Q5_1's stored m
     sum_w = seq_sum(w, from_zero=False)
     sum_x = seq_sum(w * x, from_zero=False)
     mn = np.where(mn > 0, F32(0), mn)
@@ -88,8 +97,9 @@ def make_qkx2_quants(
 SLICE = 2048  # groups per pass over a [n, candidates, groups] block: keeps it in cache
 
 
-def make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric search with weights x^2 (make_qx_quants rmse_type 1, no imatrix; Q6_K).
+def make_qx_quants(x: np.ndarray, nmax: int, w: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric search (make_qx_quants rmse_type 1) with weights w [n, G], x^2 when None (Q6_K, and with
+    importance weights Q3_K, Q4_0, Q5_0).
 
     x [n, G] -> (scale [G], L [n, G] in 0..2*nmax-1; all zero for groups with max |x| < 1e-15).
     The 19 trial scales only differ in iscale, so their sums are computed together ([n, 19, groups] at a
@@ -103,7 +113,7 @@ def make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     C = consts.size
     with np.errstate(divide="ignore", invalid="ignore"):
         isc = consts[:, None] / mx[None]  # [C, G]
-        w = x * x
+        w = x * x if w is None else w
         wx = w * x
         sumlx = np.empty((C, G), dtype=F32)
         suml2 = np.empty((C, G), dtype=F32)
@@ -210,5 +220,62 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
         scale = np.where(suml2 > 0, sumlx / suml2, F32(0))
     L += F32(nmax)
     zero = amax < GROUP_MAX_EPS
+    L[:, zero] = 0
+    return np.where(zero, F32(0), scale), L
+
+
+def _u8(a: np.ndarray) -> np.ndarray:
+    """A C int stored in uint8_t and read back as a number: its low 8 bits."""
+    return (a.astype(np.int64) & 0xFF).astype(F32)
+
+
+def make_qp_quants(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positive-scale search with coordinate descent (make_qp_quants; the super-block scales of the K-quants
+    with importance weights). x, w [n, G] -> (scale [G], L [n, G], the uint8_t codes as floats 0..255).
+
+    The descent visits element i of every group at once (groups are independent; C's order within a group is
+    kept), up to 5 passes, a group stopping after a pass without change. L is C's uint8_t array, so a negative
+    level (only possible for a negative x) wraps there as it does in C.
+    """
+    n, G = x.shape
+    mx = np.maximum(x.max(axis=0), F32(0))
+    zero = mx < GROUP_MAX_EPS
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iscale = F32(nmax) / mx
+        L0 = nearest_int(iscale * x)
+        diff = x - (F32(1) / iscale) * _u8(L0)
+        best = seq_sum(w * diff * diff)
+        for step in (-4, -3, -2, -1, 1, 2, 3, 4):
+            isc = (F32(0.1) * F32(step) + F32(nmax)) / mx
+            l = np.minimum(nearest_int(isc * x), F32(nmax))
+            diff = x - (F32(1) / isc) * l
+            mse = seq_sum(w * diff * diff)
+            better = mse < best
+            best = select(better, mse, best)
+            iscale = select(better, isc, iscale)
+        l = np.minimum(nearest_int(iscale * x), F32(nmax))
+        wx = w * x
+        sumlx = seq_sum(wx * l)  # the sums take the int level, the array keeps its uint8_t store
+        suml2 = seq_sum(w * l * l)
+        L = _u8(l)
+        active = np.ones(G, dtype=bool)
+        for _ in range(5):
+            changed = np.zeros(G, dtype=bool)
+            for i in range(n):
+                slx = sumlx - wx[i] * L[i]
+                sl2 = suml2 - w[i] * L[i] * L[i]
+                new = np.minimum(nearest_int(x[i] * sl2 / slx), F32(nmax))
+                cand = active & (slx > 0) & (sl2 > 0) & (new != L[i])
+                slx = slx + wx[i] * new
+                sl2 = sl2 + w[i] * new * new
+                ok = cand & (slx * slx * suml2 > sumlx * sumlx * sl2)
+                L[i] = np.where(ok, _u8(new), L[i])
+                sumlx = select(ok, slx, sumlx)
+                suml2 = select(ok, sl2, suml2)
+                changed |= ok
+            active &= changed
+            if not active.any():
+                break
+        scale = np.where(suml2 > 0, sumlx / suml2, F32(0))
     L[:, zero] = 0
     return np.where(zero, F32(0), scale), L

@@ -10,8 +10,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fuselm.quants import qweights
 from fuselm.quants.bits import unpack_bits
 from fuselm.quants.cfloat import F32, amax_along, first_extreme, fp16_bytes, inverse, roundf, signed_absmax
+from fuselm.quants.ksearch import make_qkx2_quants, make_qx_quants
 from fuselm.quants.unpacked import Unpacked
 
 
@@ -65,6 +67,52 @@ def quantize_q8_0(x: np.ndarray) -> np.ndarray:
     d = amax_along(np.abs(x), 1) / F32(127)
     q = roundf(x * inverse(d)[:, None]).astype(np.int8)
     return np.concatenate([fp16_bytes(d), q.view(np.uint8)], axis=1)
+
+
+# ---------------------------------------------------------------- with importance weights (quantize_row_*_impl)
+# x [rows, cols], qw [cols] -> bytes [rows, row_bytes]. sigma2 is the mean square of the whole row.
+
+
+def _blocks_and_weights(x: np.ndarray, qw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Blocks [N, 32] and their weights, both transposed to the search layout [32, N]."""
+    rows, cols = x.shape
+    sigma2 = qweights.sum_squares(x) / F32(cols)
+    xb = x.reshape(-1, 32)
+    w = qweights.weights(xb, qweights.tile(qw, rows, 32), np.repeat(sigma2, cols // 32))
+    return np.ascontiguousarray(xb.T), np.ascontiguousarray(w.T)
+
+
+def _symmetric_weighted(x: np.ndarray, qw: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    xs, w = _blocks_and_weights(x, qw)
+    d, L = make_qx_quants(xs, nmax, w)
+    return d, L.T.astype(np.uint8)
+
+
+def _asymmetric_weighted(x: np.ndarray, qw: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    xs, w = _blocks_and_weights(x, qw)
+    d, the_min, L = make_qkx2_quants(xs, w, nmax, -0.9, 0.05, 36, use_mad=False)  # make_qkx3_quants
+    return d, -the_min, L.T.astype(np.uint8)
+
+
+def quantize_q4_0_weighted(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
+    d, q = _symmetric_weighted(x, qw, 8)
+    return np.concatenate([fp16_bytes(d), _nibbles(q)], axis=1).reshape(x.shape[0], -1)
+
+
+def quantize_q5_0_weighted(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
+    d, q = _symmetric_weighted(x, qw, 16)
+    return np.concatenate([fp16_bytes(d), _high_bits(q), _nibbles(q)], axis=1).reshape(x.shape[0], -1)
+
+
+def quantize_q4_1_weighted(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
+    d, m, q = _asymmetric_weighted(x, qw, 15)
+    return np.concatenate([fp16_bytes(d), fp16_bytes(m), _nibbles(q)], axis=1).reshape(x.shape[0], -1)
+
+
+def quantize_q5_1_weighted(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
+    d, m, q = _asymmetric_weighted(x, qw, 31)
+    out = np.concatenate([fp16_bytes(d), fp16_bytes(m), _high_bits(q), _nibbles(q)], axis=1)
+    return out.reshape(x.shape[0], -1)
 
 
 def _fp16(b: torch.Tensor) -> torch.Tensor:
