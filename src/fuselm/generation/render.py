@@ -88,6 +88,7 @@ def chat_parts(model, messages: list[dict]) -> tuple[list, tuple[str, ...]]:
     """Chat messages whose content is a string or a list of strings and PIL images, as the list of text and
     pictures that fuselm.generate reads (the chat template rendered around the pictures), and the template's
     stop strings."""
+    from .chat import render
     from .generate import chat_template_for
 
     template, stops = chat_template_for(model)

@@ -243,6 +243,8 @@ class Api:
             options["stop"] = options["stop"] + stops
             if self.model.image_tokenizer is not None:
                 options["images"] = images
+                if body.stream and images != "off":  # about 8 partial pictures per picture, as it is drawn
+                    options["progress_every"] = max(1, self.model.image_tokenizer.grid[0] // 8)
             requests.append(EngineRequest(prompt, options, top_logprobs=top))
         streams = await self.submit_all(requests)
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
@@ -296,7 +298,7 @@ class Api:
     async def models(self, request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [self.model_card()]})
 
-    async def model(self, request: Request) -> Response:
+    async def model_info(self, request: Request) -> Response:
         self.check_model(request.path_params["name"])
         return JSONResponse(self.model_card())
 
@@ -367,7 +369,7 @@ def create_app(model, engine: Engine, metrics: Metrics, *, alias: str, api_key: 
         Route("/health", api.health, methods=["GET"]),
         Route("/metrics", api.metrics_page, methods=["GET"]),
         Route("/v1/models", api.models, methods=["GET"]),
-        Route("/v1/models/{name:path}", api.model, methods=["GET"]),
+        Route("/v1/models/{name:path}", api.model_info, methods=["GET"]),
         Route("/v1/completions", api.completions, methods=["POST"]),
         Route("/v1/chat/completions", api.chat, methods=["POST"]),
         Route("/v1/images/generations", api.images, methods=["POST"]),
