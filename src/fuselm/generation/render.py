@@ -172,11 +172,11 @@ def run_chat(model, *, system: str | None = None, picture_dir: str | Path = ".",
             continue
         messages.append({"role": "user", "content": [*pending, line] if pending else line})
         pending = []
-        has_pictures = any(not isinstance(m["content"], str) for m in messages)
-        prompt, stops = chat_parts(model, messages) if has_pictures else (messages, ())
-        extra = {"images": "on"} if draws else {}
         events: list = []
         try:
+            has_pictures = any(not isinstance(m["content"], str) for m in messages)
+            prompt, stops = chat_parts(model, messages) if has_pictures else (messages, ())
+            extra = {"images": "on"} if draws else {}
             stream_to_terminal(generate(model, prompt, **extra, **{**options, "stop": tuple(options.get("stop", ()))
                                                                    + stops}), collect=events)
         except KeyboardInterrupt:
