@@ -60,8 +60,8 @@ def test_sixteen_clients_mixed(server):
                       b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         return "left"
 
-    kinds = [streamed_chat, plain_completion, leaves_mid_stream, streamed_chat, plain_completion, leaves_before_the_answer,
-             streamed_chat, plain_completion]
+    kinds = [streamed_chat, plain_completion, leaves_mid_stream, streamed_chat, plain_completion,
+             leaves_before_the_answer, streamed_chat, plain_completion]
 
     def run(i: int) -> None:
         try:

@@ -41,7 +41,8 @@ class BodyLimit:
             message = await receive()
             received += len(message.get("body", b""))
             if received > self.limit:
-                raise ApiError(413, f"the body is over the limit of {self.limit} bytes", headers={"Connection": "close"})
+                raise ApiError(413, f"the body is over the limit of {self.limit} bytes",
+                               headers={"Connection": "close"})
             return message
 
         await self.app(scope, limited, send)
