@@ -74,7 +74,7 @@ class _Recorder:
         self.cancelled = cancelled
         self.top = top_logprobs
         self.state: GenState | None = None
-        self.rows: list[torch.Tensor] = []  # log-softmax per step (only with logprobs)
+        self.rows: list[torch.Tensor] = []  # log-softmax per step not yet taken (only with logprobs)
         self.sent = 0
 
     def __call__(self, state: GenState, logits: torch.Tensor) -> torch.Tensor:
@@ -89,15 +89,15 @@ class _Recorder:
         ids = list(self.state.generated[self.sent:]) if self.state is not None else []
         if not ids:
             return None
-        start, self.sent = self.sent, self.sent + len(ids)
+        self.sent += len(ids)
         if self.top is None:
             return Sampled(tuple(ids))
-        rows = self.rows[start:start + len(ids)]
+        # one row per sampled token, in order; rows are dropped once taken (they are vocabulary-sized)
+        rows, self.rows = self.rows[:len(ids)], self.rows[len(ids):]
         logprobs = tuple(float(row[t]) for row, t in zip(rows, ids))
         top = []
         for row in rows:
-            k = min(self.top, row.numel())
-            values, idx = torch.topk(row, k) if k else (row[:0], row[:0].long())
+            values, idx = torch.topk(row, min(self.top, row.numel()))
             top.append(tuple((int(i), float(v)) for i, v in zip(idx, values)))
         return Sampled(tuple(ids), logprobs, tuple(top))
 
