@@ -49,7 +49,7 @@ def wait_for(predicate, timeout: float = 120):
     raise AssertionError("timed out waiting for the page")
 
 
-def test_page_streams_text_and_draws_a_picture(browser, server):
+def test_page_streams_text_and_draws_a_picture(browser, server, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import Select
@@ -88,3 +88,15 @@ def test_page_streams_text_and_draws_a_picture(browser, server):
     wait_for(lambda: browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img))
     assert img.get_attribute("naturalWidth") == "32" and img.get_attribute("src").startswith("data:image/png")
     assert len(browser.execute_script("return window.sources")) >= 2  # partial pictures came before the last
+
+    # a picture in: uploaded, shown in the user's message, read by the model (the answer counts its tokens)
+    from fuselm.demo.world import render, sample_scenes
+
+    render(sample_scenes(1, seed=2)[0]).save(tmp_path / "scene.png")
+    Select(browser.find_element(By.ID, "modalities")).select_by_value("text")
+    browser.find_element(By.ID, "picture").send_keys(str(tmp_path / "scene.png"))
+    wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#attachments img"))
+    box.send_keys("what is in the picture?", Keys.ENTER)
+    wait_for(lambda: len(browser.find_elements(By.CSS_SELECTOR, ".message.assistant .meta")) == 3)
+    assert browser.find_elements(By.CSS_SELECTOR, ".message.user img")
+    assert not browser.find_elements(By.CSS_SELECTOR, ".message.error")

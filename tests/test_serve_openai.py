@@ -64,6 +64,13 @@ def test_completion_equals_library_at_temperature_0(client, model):
     assert r.model == "demo" and "/" not in r.model
 
 
+def test_prompt_as_token_ids(client, model):
+    ids = model.tokenizer.encode(PROMPT)
+    by_ids = client.completions.create(model="demo", prompt=ids, max_tokens=12, temperature=0)
+    by_text = client.completions.create(model="demo", prompt=PROMPT, max_tokens=12, temperature=0)
+    assert by_ids.choices[0].text == by_text.choices[0].text and by_ids.usage.prompt_tokens == len(ids)
+
+
 def test_unknown_model_404_then_good_request_on_same_client(client):
     with pytest.raises(openai.NotFoundError) as err:
         client.completions.create(model="gpt-4", prompt=PROMPT, max_tokens=2)
