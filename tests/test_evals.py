@@ -319,11 +319,13 @@ def test_cli_passkey_ppl_compare(tmp_path, capsys):
         run_cli(["eval", "compare", path, "--methods", "none,bogus", "--no-plot"])
 
 
-def test_cli_demo_dispatch(monkeypatch):
+def test_cli_demo_eval_dispatch(monkeypatch):
+    """One spelling: `fuselm demo eval ARGS` parses with the quality module's own arguments and runs it."""
+    from fuselm.demo import quality
+
     got = []
-    fake = types.ModuleType("fuselm.evals.demo_quality")
-    fake.__spec__ = importlib.machinery.ModuleSpec("fuselm.evals.demo_quality", None)
-    fake.main = lambda argv: got.append(argv) or 0
-    monkeypatch.setitem(sys.modules, "fuselm.evals.demo_quality", fake)
-    assert run_cli(["eval", "demo", "--steps", "3", "x"]) == 0
-    assert got == [["--steps", "3", "x"]]
+    monkeypatch.setattr(quality, "run", lambda args: got.append(args) or 0)
+    assert run_cli(["demo", "eval", "--n", "3", "--seed", "2"]) == 0
+    assert (got[0].n, got[0].seed) == (3, 2)
+    with pytest.raises(SystemExit):
+        run_cli(["eval", "demo"])  # the old spelling is gone

@@ -23,7 +23,7 @@ from fuselm.demo.world import (
     split_of,
 )
 from fuselm.errors import FuselmError
-from fuselm.evals.picture_checker import best_reading, read_scene, scene_matches
+from fuselm.demo.picture_checker import best_reading, read_scene, scene_matches
 
 SCENES = all_scenes()
 

@@ -42,7 +42,7 @@ def cmd_chat(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from .inspect import describe
+    from .describe import describe
 
     print(describe(args.model, verbose=args.verbose))
     return 0

@@ -66,9 +66,6 @@ class Tokenizer:
             raise FuselmError(f"{self.source}: token {token!r} is not in the vocabulary")
         return i
 
-    def find_token(self, token: str) -> int | None:
-        return self.backend.token_to_id(token)
-
     def id_to_token(self, i: int) -> str | None:
         return self.backend.id_to_token(i)
 

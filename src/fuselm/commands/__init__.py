@@ -2,5 +2,4 @@
 
 from . import bench, demo_cmds, evals, quantize, serve, transforms
 
-REGISTRY: list = [quantize.register, transforms.register, bench.register, evals.register, demo_cmds.register,
-                  serve.register]
+REGISTRY: list = [quantize.register, transforms.register, bench.register, evals.register, serve.register]

@@ -1,5 +1,4 @@
-"""`fuselm demo train` and `fuselm demo eval` (also spelled `train-demo`, `eval-demo`): train the bundled demo
-model, and measure its quality."""
+"""`fuselm demo train` and `fuselm demo eval`: train the bundled demo model, and measure its quality."""
 
 from __future__ import annotations
 
@@ -41,7 +40,7 @@ def _train_parser(sub, name: str) -> None:
 
 
 def _eval_parser(sub, name: str) -> None:
-    from ..evals import demo_quality
+    from ..demo import quality as demo_quality
 
     p = sub.add_parser(name, help="the demo model's quality table (captioning, drawing, quantizations)",
                        description=demo_quality.DESCRIPTION, formatter_class=RAW)
@@ -53,9 +52,3 @@ def register_actions(sub) -> None:
     """`fuselm demo train` and `fuselm demo eval`."""
     _train_parser(sub, "train")
     _eval_parser(sub, "eval")
-
-
-def register(sub) -> None:
-    """The same as top-level commands: `fuselm train-demo`, `fuselm eval-demo`."""
-    _train_parser(sub, "train-demo")
-    _eval_parser(sub, "eval-demo")

@@ -1,4 +1,6 @@
-"""`fuselm eval TASK ...`: passkey retrieval, sliding-window perplexity, RoPE methods side by side, demo quality."""
+"""`fuselm eval TASK ...`: passkey retrieval, sliding-window perplexity, RoPE methods side by side.
+
+The demo model's quality table is `fuselm demo eval`."""
 
 from __future__ import annotations
 
@@ -16,7 +18,6 @@ Offline evaluations on local files. TASK is one of:
             accuracy per prompt length (the test of the YaRN paper and of LightOn's NTK-YaRN study)
   ppl       sliding-window perplexity of a text file
   compare   several RoPE scaling methods side by side: a table (stdout, .md, .csv) and a PNG plot
-  demo      quality of the bundled demo model (when installed)
 
 `fuselm eval TASK --help` explains each task's options.
 
@@ -199,13 +200,6 @@ def cmd_compare(args) -> int:
     return 0
 
 
-def cmd_demo(args) -> int:
-    if importlib.util.find_spec("fuselm.evals.demo_quality") is None:
-        raise FuselmError("`fuselm eval demo` needs fuselm.evals.demo_quality, which this installation lacks")
-    module = importlib.import_module("fuselm.evals.demo_quality")
-    return int(module.main(list(args.rest)) or 0)
-
-
 def register(sub) -> None:
     raw = argparse.RawDescriptionHelpFormatter
     p = sub.add_parser("eval", help="evaluations: passkey, perplexity, RoPE comparison, demo quality",
@@ -268,8 +262,3 @@ def register(sub) -> None:
     t.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
     t.set_defaults(func=cmd_compare)
 
-    # No option prefix of its own, so every argument (options and --help included) reaches demo_quality.main().
-    t = tasks.add_parser("demo", help="demo model quality (fuselm.evals.demo_quality)", add_help=False,
-                         prefix_chars="\0", description="Passes every argument to fuselm.evals.demo_quality.main().")
-    t.add_argument("rest", nargs="*")
-    t.set_defaults(func=cmd_demo)

@@ -18,7 +18,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..errors import FuselmError
-from ..evals.picture_checker import read_scene, scene_matches
+from .picture_checker import read_scene, scene_matches
 from ..generation.sampling import GREEDY, SamplingParams
 from ..generation.stream import Done, ImageDone, TextDelta
 from ..vision.vocab import END_TURN

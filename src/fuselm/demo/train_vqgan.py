@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..evals.picture_checker import scene_matches
+from .picture_checker import scene_matches
 from ..vision import VQGAN, VQGANConfig
 from ..vision.processor import ImageProcessor
 from ..vision.vqgan import nearest_code

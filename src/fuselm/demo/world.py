@@ -1,7 +1,7 @@
 """The demo's procedural picture world: one or two flat shapes on white, their captions, and a fixed split.
 
 Shapes are drawn from pixel-centre geometry with no anti-aliasing, so palette colours appear verbatim and the
-non-learned checker (`fuselm.evals.picture_checker`) can reuse the exact same masks.
+non-learned checker (`fuselm.demo.picture_checker`) can reuse the exact same masks.
 
 Scene space (312 scenes):
 - one object at the centre: 3 shapes x 4 colours x 2 sizes = 24;

@@ -140,10 +140,6 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def iter_named(tensors: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
-    yield from tensors.items()
-
-
 def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict | None = None) -> None:
     """Write one safetensors file atomically (temp file, then rename), streaming tensor by tensor."""
     path = Path(path)

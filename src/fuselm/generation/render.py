@@ -89,7 +89,7 @@ def chat_parts(model, messages: list[dict]) -> tuple[list, tuple[str, ...]]:
     pictures that fuselm.generate reads (the chat template rendered around the pictures), and the template's
     stop strings."""
     from .chat import render
-    from .generate import chat_template_for
+    from .prompt import chat_template_for
 
     template, stops = chat_template_for(model)
     pictures: list = []

@@ -26,7 +26,7 @@ import torch
 
 from ..errors import FuselmError
 from ..generation.generate import generate
-from ..generation.loop import GenState
+from ..generation.decoder import SequenceState
 from ..generation.stream import Done
 
 log = logging.getLogger("fuselm.serve")
@@ -73,11 +73,11 @@ class _Recorder:
     def __init__(self, cancelled: threading.Event, top_logprobs: int | None):
         self.cancelled = cancelled
         self.top = top_logprobs
-        self.state: GenState | None = None
+        self.state: SequenceState | None = None
         self.rows: list[torch.Tensor] = []  # log-softmax per step not yet taken (only with logprobs)
         self.sent = 0
 
-    def __call__(self, state: GenState, logits: torch.Tensor) -> torch.Tensor:
+    def __call__(self, state: SequenceState, logits: torch.Tensor) -> torch.Tensor:
         if self.cancelled.is_set():
             raise _Cancelled
         self.state = state

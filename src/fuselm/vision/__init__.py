@@ -30,10 +30,6 @@ class ImageTokenizer:
         self.grid = vqgan.grid(self.size, self.size)
         self.processor = ImageProcessor(self.size, max_pixels=max_pixels)
 
-    @classmethod
-    def from_meta(cls, ckpt_path: str | Path, yaml_path: str | Path) -> ImageTokenizer:
-        return cls(load_meta_vqgan(ckpt_path, yaml_path))
-
     @property
     def can_decode(self) -> bool:
         return self.vqgan.has_decoder

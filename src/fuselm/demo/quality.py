@@ -1,4 +1,4 @@
-"""`fuselm eval-demo`: how well the demo model (and its quantized and FlashNorm-folded versions) reads and draws.
+"""`fuselm demo eval`: how well the demo model (and its quantized and FlashNorm-folded versions) reads and draws.
 
 - Caption accuracy: the model captions n held-out pictures (greedy); right when the caption parses back
   (`world.parse_caption`) to exactly the scene: the shape, colour and place of every object (and the size of a
@@ -187,8 +187,8 @@ held-out captions (judged by the world's non-learned picture checker), with the 
 and for its Q8_0, Q4_K_M and Q4_0 quantizations and its FlashNorm-folded version.
 
 examples:
-  fuselm eval demo                        the shipped model, n = 200
-  fuselm eval demo --n 50 --only Q8_0     a quick look at one quantization
+  fuselm demo eval                        the shipped model, n = 200
+  fuselm demo eval --n 50 --only Q8_0     a quick look at one quantization
 """
 
 
@@ -215,8 +215,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`fuselm eval demo ARGS` (and `fuselm eval-demo ARGS`)."""
-    p = argparse.ArgumentParser(prog="fuselm eval demo", description=DESCRIPTION,
+    """`fuselm demo eval ARGS` as a function."""
+    p = argparse.ArgumentParser(prog="fuselm demo eval", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     return run(p.parse_args(argv))
