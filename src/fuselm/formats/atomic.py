@@ -6,8 +6,10 @@
 - SIGKILL cannot be caught: the next write to the same destination removes the `.partial` files whose process is
   gone, and says so on stderr.
 - A main file and its companion (a GGUF and its `-vqgan.gguf`) are committed as a pair: both are written and
-  synced first, then the companion is renamed into place, then the main file. A reader can therefore trust that a
-  main file names a companion that exists (formats.gguf records a shared id in both).
+  synced first, then the companion is renamed into place, then the main file. Interrupted between the two renames
+  by an exception or a signal, the companion already renamed is removed again. A reader can therefore trust that
+  a main file names a companion that exists (formats.gguf records a shared id in both); after SIGKILL between the
+  renames, the next write of the pair replaces the lone companion.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ _HANDLED_SIGNALS = tuple(s for s in (signal.SIGTERM, getattr(signal, "SIGHUP", N
 
 _lock = threading.RLock()
 _live: set[Path] = set()  # temporary files of writes in progress, removed on signals and at exit
+_half_committed: set[Path] = set()  # outputs of a set renamed before the rest of the set: undone on failure
 _previous_handlers: dict[int, object] = {}
 _active_writes = 0
 
@@ -98,10 +101,14 @@ def atomic_set(paths: list[str | os.PathLike]) -> Iterator[tuple[Path, ...]]:
             os.replace(tmp, target)
             with _lock:
                 _live.discard(tmp)
+                _half_committed.add(target)
+        with _lock:
+            _half_committed.difference_update(targets)
         _fsync_dir(targets[0].parent)
     finally:
         for tmp in temps:
             _remove(tmp)
+        _undo_half_commit(targets)
         _end()
 
 
@@ -142,11 +149,23 @@ def _remove(tmp: Path) -> None:
         pass
 
 
+def _undo_half_commit(targets: list[Path]) -> None:
+    """A set interrupted between its renames: remove the members already renamed (a companion without its main
+    file is worse than neither)."""
+    for target in targets:
+        with _lock:
+            if target not in _half_committed:
+                continue
+            _half_committed.discard(target)
+        target.unlink(missing_ok=True)
+
+
 def _remove_all_live() -> None:
     with _lock:
-        live = list(_live)
+        live, half = list(_live), list(_half_committed)
     for tmp in live:
         _remove(tmp)
+    _undo_half_commit(half)
 
 
 def _on_signal(signum, frame) -> None:

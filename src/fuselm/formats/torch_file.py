@@ -71,9 +71,10 @@ def check_tensor_dict(data: Any, where: str) -> dict[str, torch.Tensor]:
 
 def _unpickler_reason(err: BaseException) -> str:
     """torch's message opens with advice about weights_only; the reason is on the 'WeightsUnpickler error' line."""
-    for line in str(err).splitlines():
-        if "WeightsUnpickler error" in line:
-            return line.split("error:", 1)[-1].strip()[:200]
+    text = str(err)
+    if "WeightsUnpickler error:" in text:
+        reason = text.split("WeightsUnpickler error:", 1)[1].strip().split("\n\n", 1)[0]
+        return " ".join(reason.split())[:200] or "no reason given"
     return _first_line(err)
 
 
