@@ -33,7 +33,7 @@ def _good(tmp_path):
 
 CASES = [
     # (mutation of the good header, regex the error must match after the file name)
-    (lambda h: [1, 2], r"expected a JSON object at the top level"),
+    (lambda h: [1, 2], r"expected a JSON object after the 8-byte length"),
     (lambda h: {**h, "a": None}, r"tensor 'a'.*expected an object"),
     (lambda h: {**h, "a": {k: v for k, v in h["a"].items() if k != "data_offsets"}},
      r"tensor 'a'.*missing field 'data_offsets'"),

@@ -160,10 +160,20 @@ def _int_type(values: list[int]) -> GGUFValueType:
     return GGUFValueType.INT32 if lo >= -(2**31) and hi < 2**31 else GGUFValueType.INT64
 
 
+class _Writer(gguf.GGUFWriter):
+    """gguf-py's writer, plus typed empty arrays (a BPE without merges still needs `tokenizer.ggml.merges`, and
+    GGUF, llama.cpp's reader and gguf-py's reader all allow a zero-length array; gguf-py's writer refuses one)."""
+
+    def _pack_val(self, val: Any, vtype: GGUFValueType, add_vtype: bool, sub_type: GGUFValueType | None = None):
+        if vtype == GGUFValueType.ARRAY and sub_type is not None and len(val) == 0:
+            return (self._pack("I", vtype) if add_vtype else b"") + self._pack("I", sub_type) + self._pack("Q", 0)
+        return super()._pack_val(val, vtype, add_vtype, sub_type)
+
+
 def write_file(path: Path, arch: str, metadata: Mapping[str, Any], plans: list[TensorPlan], progress: bool,
                shown_name: str) -> None:
     """Write one GGUF to `path` (a temporary file from formats.atomic), one tensor in memory at a time."""
-    writer = gguf.GGUFWriter(path, arch)
+    writer = _Writer(path, arch)
     try:
         for key, value in metadata.items():
             if key == gguf.Keys.General.ARCHITECTURE:
