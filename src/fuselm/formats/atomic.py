@@ -98,10 +98,17 @@ def atomic_set(paths: list[str | os.PathLike]) -> Iterator[tuple[Path, ...]]:
         for tmp in temps:
             _fsync(tmp)
         for tmp, target in zip(temps, targets):
-            os.replace(tmp, target)
+            with _lock:  # registered first: a signal right after the rename must find it
+                _half_committed.add(target)
+            try:
+                os.replace(tmp, target)
+            except BaseException:
+                if tmp.exists():  # not renamed (an OSError, or KeyboardInterrupt just before): target is not ours
+                    with _lock:
+                        _half_committed.discard(target)
+                raise
             with _lock:
                 _live.discard(tmp)
-                _half_committed.add(target)
         with _lock:
             _half_committed.difference_update(targets)
         _fsync_dir(targets[0].parent)
