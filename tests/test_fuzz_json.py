@@ -15,7 +15,7 @@ FUZZ = settings(max_examples=300, deadline=None, derandomize=True, suppress_heal
 
 scalars = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=8)
 values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner,
-                                                                                            max_size=4), max_leaves=30)
+                                                                                            max_size=4), max_leaves=12)
 
 
 @FUZZ
@@ -27,7 +27,7 @@ def test_any_bytes(raw):
         assert str(err).startswith("fuzz.json: ")
 
 
-@FUZZ
+@settings(FUZZ, max_examples=100)
 @given(st.dictionaries(st.text(max_size=6), values, max_size=6))
 def test_objects_match_the_standard_library(obj):
     raw = json.dumps(obj).encode()
@@ -35,7 +35,7 @@ def test_objects_match_the_standard_library(obj):
         assert parse_json_object(raw, "fuzz.json") == json.loads(raw)
 
 
-@FUZZ
+@settings(FUZZ, max_examples=100)
 @given(values, st.integers(0, 3), st.binary(max_size=3))
 def test_damaged_documents(value, cut, junk):
     raw = json.dumps(value).encode()

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from fuselm.errors import FuselmError
 from fuselm.formats.hf import open_safetensors
 
-FUZZ = settings(max_examples=250, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64, "U8": torch.uint8}
 
 tensor_specs = st.dictionaries(st.text("abcdefgh.", min_size=1, max_size=6),

@@ -14,25 +14,27 @@ from fuselm.errors import FuselmError
 from fuselm.generation.chat import render
 from fuselm.generation.template_sandbox import TemplateLimits
 
-FUZZ = settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 MESSAGES = [{"role": "system", "content": "S"}, {"role": "user", "content": "hello world"}]
-LIMITS = TemplateLimits(seconds=0.3, max_chars=20_000, budget_chars=200_000, max_range=1000)
+LIMITS = TemplateLimits(seconds=0.05, max_chars=20_000, budget_chars=200_000, max_range=300)
 
-numbers = st.sampled_from(["0", "1", "3", "-1", "10", "999", "10**9", "2**40", "n", "messages|length"])
+numbers = st.sampled_from(["0", "1", "3", "-1", "10", "299", "10**9", "2**40", "n", "messages|length"])
 strings = st.sampled_from(["'x'", "'ab'", "m['content']", "m['role']", "bos_token", "''", "ns.s"])
-expr = st.deferred(lambda: strings | numbers | st.builds("({} * {})".format, strings, numbers)
-                   | st.builds("({} ~ {})".format, expr, expr) | st.builds("({} + {})".format, numbers, numbers)
-                   | st.builds("({} ** {})".format, numbers, numbers) | st.builds("{}|upper".format, strings)
-                   | st.builds("{}|center({})".format, strings, numbers)
-                   | st.builds("{}|replace('x', {})".format, strings, strings)
-                   | st.builds("'{{:>{{}}}}'.format({}, {})".format, strings, numbers)
-                   | st.builds("m.__class__".format) | st.builds("({}|list|join(','))".format, strings))
-block = st.deferred(lambda: st.builds("{{{{ {} }}}}".format, expr)
-                    | st.builds("{{% for i in range({}) %}}{}{{% endfor %}}".format, numbers, block)
-                    | st.builds("{{% for m in messages %}}{}{{% endfor %}}".format, block)
-                    | st.builds("{{% set ns.s = {} %}}".format, expr)
-                    | st.builds("{{% if {} %}}{}{{% else %}}{}{{% endif %}}".format, numbers, block, block)
-                    | st.builds("{}{}".format, block, block))
+expr = st.recursive(
+    strings | numbers,
+    lambda inner: st.builds("({} * {})".format, inner, inner) | st.builds("({} ~ {})".format, inner, inner)
+    | st.builds("({} + {})".format, inner, inner) | st.builds("({} ** {})".format, inner, inner)
+    | st.builds("{}|upper".format, inner) | st.builds("{}|center({})".format, inner, inner)
+    | st.builds("{}|replace('x', {})".format, inner, inner) | st.builds("'{{:>{{}}}}'.format({}, {})".format, inner, inner)
+    | st.builds("({}|list|join(','))".format, inner) | st.just("m.__class__"),
+    max_leaves=4)
+block = st.recursive(
+    st.builds("{{{{ {} }}}}".format, expr) | st.builds("{{% set ns.s = {} %}}".format, expr),
+    lambda inner: st.builds("{{% for i in range({}) %}}{}{{% endfor %}}".format, numbers, inner)
+    | st.builds("{{% for m in messages %}}{}{{% endfor %}}".format, inner)
+    | st.builds("{{% if {} %}}{}{{% else %}}{}{{% endif %}}".format, numbers, inner, inner)
+    | st.builds("{}{}".format, inner, inner),
+    max_leaves=5)
 template = st.builds("{{% set n = 7 %}}{{% set ns = namespace(s='') %}}{{% set m = messages[1] %}}{}".format, block)
 
 
