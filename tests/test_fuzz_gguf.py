@@ -73,7 +73,8 @@ def test_byte_mutations(writes, cut):
 any_value = (st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats() | st.text(max_size=6)
              | st.lists(st.text(max_size=3), max_size=6) | st.lists(st.integers(-5, 2**33), max_size=6)
              .map(lambda v: np.array(v, dtype=np.int64)) | st.lists(st.floats(width=32), max_size=6)
-             .map(lambda v: np.array(v, dtype=np.float32)) | st.lists(st.lists(st.integers(0, 3), max_size=2), max_size=3))
+             .map(lambda v: np.array(v, dtype=np.float32))
+             | st.lists(st.lists(st.integers(0, 3), max_size=2), max_size=3))
 KEYS = ["tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges",
         "tokenizer.ggml.scores", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
         "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token",

@@ -25,7 +25,8 @@ expr = st.recursive(
     lambda inner: st.builds("({} * {})".format, inner, inner) | st.builds("({} ~ {})".format, inner, inner)
     | st.builds("({} + {})".format, inner, inner) | st.builds("({} ** {})".format, inner, inner)
     | st.builds("{}|upper".format, inner) | st.builds("{}|center({})".format, inner, inner)
-    | st.builds("{}|replace('x', {})".format, inner, inner) | st.builds("'{{:>{{}}}}'.format({}, {})".format, inner, inner)
+    | st.builds("{}|replace('x', {})".format, inner, inner)
+    | st.builds("'{{:>{{}}}}'.format({}, {})".format, inner, inner)
     | st.builds("({}|list|join(','))".format, inner) | st.just("m.__class__"),
     max_leaves=4)
 block = st.recursive(

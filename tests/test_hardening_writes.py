@@ -17,8 +17,14 @@ from fuselm import archs
 from fuselm.config import ModelConfig
 from fuselm.errors import FuselmError
 from fuselm.formats.atomic import atomic_write, clean_stale_partials
-from fuselm.formats.gguf import (COMPANION_ID_KEY, companion_path, read_companion, read_gguf, write_gguf,
-                                 write_vqgan_gguf)
+from fuselm.formats.gguf import (
+    COMPANION_ID_KEY,
+    companion_path,
+    read_companion,
+    read_gguf,
+    write_gguf,
+    write_vqgan_gguf,
+)
 from fuselm.formats.hf import write_hf_dir
 
 CONFIG = ModelConfig(arch="chameleon", vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=2,

@@ -27,8 +27,7 @@ from ..archs.gguf import config_to_gguf_metadata, gguf_extra_tensors
 from ..config import ModelConfig
 from ..errors import FuselmError
 from .atomic import atomic_write, commit_pair
-from .gguf_read import (GGUF_MAGIC, SUPPORTED_VERSIONS, GGUFFile, GGUFTensor, check_value,  # noqa: F401 (API)
-                        metadata_value, read_gguf)
+from .gguf_read import GGUF_MAGIC, SUPPORTED_VERSIONS, GGUFFile, GGUFTensor, check_value, metadata_value, read_gguf  # noqa: F401 (API)
 from .gguf_vocab import tokenizer_to_gguf
 from .gguf_write import MAX_NAME_BYTES, TensorPlan, file_type, plan_tensor, write_file  # noqa: F401 (API)
 from .json_file import parse_json_object

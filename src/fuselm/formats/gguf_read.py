@@ -93,8 +93,8 @@ class GGUFFile:
     def architecture(self) -> str | None:
         arch = self.metadata.get(gguf.Keys.General.ARCHITECTURE)
         if arch is not None and not isinstance(arch, str):
-            raise FuselmError(f"{self.path}: key 'general.architecture' is {self.value_types.get('general.architecture')}"
-                              "; expected a STRING")
+            kind = self.value_types.get("general.architecture")
+            raise FuselmError(f"{self.path}: key 'general.architecture' is {kind}; expected a STRING")
         return arch
 
 

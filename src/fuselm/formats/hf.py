@@ -60,7 +60,8 @@ def open_safetensors(path: Path) -> dict[str, torch.Tensor]:
         if entry.numel == 0:
             out[name] = torch.empty(entry.shape, dtype=entry.dtype)
         else:
-            out[name] = torch.frombuffer(buf, dtype=entry.dtype, count=entry.numel, offset=entry.begin).view(entry.shape)
+            flat = torch.frombuffer(buf, dtype=entry.dtype, count=entry.numel, offset=entry.begin)
+            out[name] = flat.view(entry.shape)
     return out
 
 
