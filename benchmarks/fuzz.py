@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import faulthandler
 import json
 import multiprocessing
 import os
@@ -145,6 +146,12 @@ def _warm() -> None:
 
     torch.set_num_threads(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the pool
+    try:  # build (or fail to build) the native kernels once here, not once per forked child
+        from fuselm.quants.kernel_build import native_library
+
+        native_library()
+    except Exception as err:  # noqa: BLE001 (an optional speed-up)
+        print(f"note: native kernels: {err}", file=sys.stderr)
 
 
 def _prepare(seed: Seed, file: str, data: bytes, scratch: Path) -> Path:
@@ -162,8 +169,10 @@ def _prepare(seed: Seed, file: str, data: bytes, scratch: Path) -> Path:
     return scratch / seed.load
 
 
-def _child(load_path: Path, mutated: Path, out_fd: int) -> None:
+def _child(load_path: Path, mutated: Path, out_fd: int, stack_file: Path) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
+    stacks = open(stack_file, "w")  # noqa: SIM115 (open until the process ends)
+    faulthandler.dump_traceback_later(TIMEOUT_S - 3, file=stacks)  # where a HANG is, just before the kill
     import fuselm
     from fuselm.errors import FuselmError
 
@@ -175,7 +184,8 @@ def _child(load_path: Path, mutated: Path, out_fd: int) -> None:
     except FuselmError as err:
         text = str(err)
         named = mutated.name in text or (mutated.is_relative_to(load_path) and str(load_path) in text)
-        result = {"outcome": "REFUSED" if named else "VAGUE", "message": text[:300]}
+        result = {"outcome": "REFUSED" if named else "VAGUE", "message": text[:300],
+                  **({} if named else _where(err))}
     except MemoryError:
         result = {"outcome": "OOM", "message": "MemoryError"}
     except BaseException as err:  # noqa: BLE001 (classifying every escape is the point)
@@ -199,6 +209,22 @@ def _where(err: BaseException) -> dict:
             "area": "formats/templates" if mine else "archs/loader/model"}
 
 
+def _hang_site(stack_file: Path) -> dict:
+    """The innermost fuselm frame of the stack faulthandler dumped shortly before the timeout."""
+    try:
+        lines = stack_file.read_text().splitlines()
+    except OSError:
+        return {}
+    for line in lines:  # "  File "...", line N in name", most recent call first
+        if str(FUSELM) in line and line.strip().startswith("File"):
+            path, _, rest = line.strip()[len('File "'):].partition('", line ')
+            rel = str(Path(path).relative_to(FUSELM))
+            mine = rel.startswith("formats/") or rel in ("generation/chat.py", "generation/template_sandbox.py")
+            return {"signature": f"stuck at {rel}:{rest}", "area": "formats/templates" if mine
+                    else "archs/loader/model"}
+    return {}
+
+
 def run_one(task: tuple) -> dict:
     index, seed, file, rng_seed, work = task
     rng = random.Random(rng_seed)
@@ -209,13 +235,14 @@ def run_one(task: tuple) -> dict:
         return {"index": index, "seed": seed.name, "file": file, "outcome": "SKIP", "message": repr(err)[:200]}
     scratch = Path(work) / f"scratch-{os.getpid()}"
     load_path = _prepare(seed, file, data, scratch)
+    stack_file = Path(work) / f"stack-{os.getpid()}.txt"
     read_fd, write_fd = os.pipe()
     start = time.monotonic()
     pid = os.fork()
     if pid == 0:
         os.close(read_fd)
         try:
-            _child(load_path, scratch / file, write_fd)
+            _child(load_path, scratch / file, write_fd, stack_file)
         finally:
             os._exit(3)
     os.close(write_fd)
@@ -236,7 +263,7 @@ def run_one(task: tuple) -> dict:
     result = {"index": index, "seed": seed.name, "file": file, "mutation": what, "seconds": time.monotonic() - start,
               "peak_rss_kb": usage.ru_maxrss}
     if timed_out:
-        result["outcome"] = "HANG"
+        result.update(outcome="HANG", **_hang_site(stack_file))
     elif os.WIFSIGNALED(status):
         result.update(outcome="CRASH", message=f"signal {os.WTERMSIG(status)}")
     elif not chunks:

@@ -28,6 +28,7 @@ import torch
 from gguf import GGMLQuantizationType, GGUFValueType
 
 from ..errors import FuselmError
+from .values import check_value
 
 GGUF_MAGIC = 0x46554747  # b"GGUF" little-endian
 SUPPORTED_VERSIONS = (2, 3)
@@ -299,8 +300,6 @@ def _tensor_view(buf: mmap.mmap, path: Path, name: str, shape: tuple[int, ...], 
 
 # ---------------------------------------------------------------- typed metadata access
 
-_KINDS: dict[str, tuple[type, ...]] = {"str": (str,), "int": (int, np.integer), "float": (float, int, np.number),
-                                       "bool": (bool, np.bool_)}
 _MISSING = object()
 
 
@@ -313,20 +312,3 @@ def metadata_value(gf: GGUFFile, key: str, kind: str, default: Any = _MISSING, *
             raise FuselmError(f"{gf.path}: missing required GGUF key {key!r}")
         return default
     return check_value(gf.metadata[key], kind, f"{gf.path}: key {key!r}", low=low, high=high)
-
-
-def check_value(value, kind: str, where: str, *, low: float | None = None, high: float | None = None):
-    """`value` as a plain Python `kind` ("str", "int", "float", "bool"); FuselmError starting with `where` if not."""
-    ok = isinstance(value, _KINDS[kind]) and (kind == "bool" or not isinstance(value, (bool, np.bool_)))
-    if ok and kind == "float":
-        value = float(value)
-        ok = math.isfinite(value)
-    elif ok and kind in ("int", "bool"):
-        value = int(value) if kind == "int" else bool(value)
-    if ok and ((low is not None and value < low) or (high is not None and value > high)):
-        ok = False
-    if not ok:
-        bounds = "" if low is None and high is None else f" in [{low}, {high}]"
-        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
-        raise FuselmError(f"{where} is {shown}; expected a {'finite ' if kind == 'float' else ''}{kind}{bounds}")
-    return value
