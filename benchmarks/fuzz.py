@@ -16,8 +16,10 @@ templates).
 Each worker imports torch and fuselm once and forks one child per mutant, so a mutant costs its load and generate,
 not an interpreter start.
 
-  python benchmarks/fuzz.py --mutants 300                       # short run, a few minutes on 2 cores
-  python benchmarks/fuzz.py --mutants 10000 --keep fuzz-found   # the long run (about 2-3 hours on 2 cores)
+  python benchmarks/fuzz.py --mutants 300                 # short run: about 3 minutes on 2 cores
+  python benchmarks/fuzz.py --mutants 10000 --json r.json  # the long run: about 90 minutes on 2 cores
+Measured on 2 shared cores: 1000 mutants in 541 s. Non-OK mutants are kept under WORK/found/NNNNNN-SEED/ with
+RESULT.json, ready to reproduce with `fuselm inspect` or a regression test.
 """
 
 from __future__ import annotations

@@ -55,6 +55,10 @@ def _load_and_generate(path: Path) -> None:
     pytest.param("chameleon.attention.head_count", 0, marks=LEAD),
     pytest.param("tokenizer.ggml.tokens", 1.5, marks=LEAD),
     pytest.param("tokenizer.ggml.bos_token_id", float("nan"), marks=LEAD),
+    pytest.param("tokenizer.ggml.eos_token_id", [1.5], marks=LEAD),
+    pytest.param("chameleon.attention.layer_norm_rms_epsilon", -1.0, marks=LEAD),
+    pytest.param("chameleon.rope.freq_base", "", marks=LEAD),
+    pytest.param("chameleon.context_length", True, marks=LEAD),
     ("chameleon_vqgan.config", "[1, 2]"),
 ])
 def test_wrong_gguf_values(tmp_path, key, value):
@@ -89,7 +93,8 @@ def test_tokenizer_config_invalid_utf8(tmp_path):
 
 @pytest.mark.parametrize("field,value", [("rms_norm_eps", ""), ("num_key_value_heads", [1, 2]),
                                          ("intermediate_size", float("inf")), ("max_position_embeddings", "x"),
-                                         ("hidden_size", 0), ("num_attention_heads", 0)])
+                                         ("hidden_size", 0), ("num_attention_heads", 0), ("hidden_size", []),
+                                         ("vocab_size", 0), ("rope_parameters", float("nan"))])
 @LEAD
 def test_wrong_hf_config(tmp_path, field, value):
     from tiny_hf import make_llama
