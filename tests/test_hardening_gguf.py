@@ -161,7 +161,7 @@ def test_metadata_value_checks(tmp_path):
     path.write_bytes(_gguf([ARCH, _kv("llama.block_count", V.STRING, _s("32")),
                             _kv("llama.rope.freq_base", V.FLOAT32, struct.pack("<f", float("nan")))], []))
     gf = read_gguf(path)
-    with pytest.raises(FuselmError, match=r"v\.gguf: key 'llama\.block_count' is '32'; expected a int"):
+    with pytest.raises(FuselmError, match=r"v\.gguf: key 'llama\.block_count' is '32'; expected an int"):
         metadata_value(gf, "llama.block_count", "int")
     with pytest.raises(FuselmError, match=r"v\.gguf: key 'llama\.rope\.freq_base' is nan; expected a finite float"):
         metadata_value(gf, "llama.rope.freq_base", "float")
@@ -169,6 +169,6 @@ def test_metadata_value_checks(tmp_path):
         metadata_value(gf, "x", "int")
     assert metadata_value(gf, "x", "int", 7) == 7
     path.write_bytes(_gguf([ARCH, _kv("llama.block_count", V.UINT32, struct.pack("<I", 2**32 - 1))], []))
-    with pytest.raises(FuselmError, match=r"'llama\.block_count' is 4294967295; expected a int in \[1, 65536\]"):
+    with pytest.raises(FuselmError, match=r"'llama\.block_count' is 4294967295; expected an int in \[1, 65536\]"):
         metadata_value(read_gguf(path), "llama.block_count", "int", low=1, high=65536)
     assert isinstance(metadata_value(read_gguf(path), "llama.block_count", "int"), int)
