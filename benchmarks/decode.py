@@ -29,12 +29,12 @@ VOCAB = ROOT / ".venv/llama-sdist/llama_cpp_python-0.3.36/vendor/llama.cpp/model
 
 def make_files(workdir: Path, types: list[str], layers: int) -> dict[str, Path]:
     from fuselm import archs
-    from fuselm.reshape import quantize_model
-    from fuselm.config import ModelConfig
     from fuselm.archs import write_gguf
+    from fuselm.config import ModelConfig
     from fuselm.formats.gguf import read_gguf
     from fuselm.formats.hf import write_hf_dir
     from fuselm.model.transformer import Transformer
+    from fuselm.reshape import quantize_model
 
     config = ModelConfig(arch="llama", vocab_size=32000, hidden_size=2048, intermediate_size=5632,
                          num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=4, head_dim=64,

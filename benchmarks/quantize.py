@@ -20,8 +20,8 @@ import torch
 
 def make_f16_gguf(path: Path, layers: int) -> None:
     from fuselm import archs
-    from fuselm.config import ModelConfig
     from fuselm.archs import write_gguf
+    from fuselm.config import ModelConfig
     from fuselm.model.transformer import Transformer
 
     config = ModelConfig(arch="llama", vocab_size=32000, hidden_size=2048, intermediate_size=5632,

@@ -16,9 +16,9 @@ from PIL import Image
 
 from fuselm import load
 from fuselm.cli import main as cli_main
+from fuselm.demo import quality as demo_quality
 from fuselm.demo.train import MODEL_FILE, Recipe, train_demo
 from fuselm.demo.world import caption, sample_scenes
-from fuselm.demo import quality as demo_quality
 from fuselm.load import DEMO_DIR
 
 SHIPPED = DEMO_DIR / MODEL_FILE

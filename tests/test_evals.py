@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.machinery
 import json
 import math
 import re
 import string
-import sys
-import types
 from pathlib import Path
 
 import pytest

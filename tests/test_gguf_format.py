@@ -18,7 +18,8 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_
 from tokenizers.models import BPE
 
 from fuselm import archs
-from fuselm.config import ModelConfig
+from fuselm.archs import write_gguf
+from fuselm.config import ModelConfig, expected_shapes
 from fuselm.errors import FuselmError
 from fuselm.formats.gguf import (
     companion_path,
@@ -26,7 +27,6 @@ from fuselm.formats.gguf import (
     read_vqgan_gguf,
     write_vqgan_gguf,
 )
-from fuselm.archs import write_gguf
 from fuselm.formats.gguf_vocab import tokenizer_from_gguf, tokenizer_to_gguf
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,8 +20,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 import fuselm
 from fuselm import FuselmError
-from fuselm.generation.document import write_document
 from fuselm.generation.decoder import SequenceState
+from fuselm.generation.document import write_document
 from fuselm.generation.mixed import generate_mixed
 from fuselm.generation.processors import ModalityMachine, TokenRoles, lumina_size_token
 from fuselm.generation.sampling import GREEDY

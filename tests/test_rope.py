@@ -13,7 +13,6 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.falcon import modeling_falcon
 from transformers.models.llama import modeling_llama
 
-from fuselm.errors import FuselmError
 from fuselm.archs.rope_keys import (
     rope_base_from_gguf,
     rope_scaling_from_gguf,
@@ -21,6 +20,7 @@ from fuselm.archs.rope_keys import (
     rope_scaling_to_hf,
 )
 from fuselm.config.rope import RopeSpec, normalize_rope_scaling, rope_freq_factors, rope_frequencies
+from fuselm.errors import FuselmError
 from fuselm.model.rope import apply_rope, rope_cos_sin
 
 

@@ -22,9 +22,10 @@ from transformers import (
 )
 
 from fuselm.archs import config_from_hf, config_to_hf, hf_to_internal, internal_to_hf
-from fuselm.config import expected_shapes
 from fuselm.archs.meta import internal_to_meta, meta_to_internal
+from fuselm.config import expected_shapes
 from fuselm.errors import FuselmError
+from fuselm.load.meta import convert_meta, load_meta_checkpoint
 from fuselm.transforms import (
     check_flashnorm_state,
     expand_qknorm,
@@ -33,7 +34,6 @@ from fuselm.transforms import (
     qknorm_max_deviation,
     regroup_qknorm,
 )
-from fuselm.load.meta import convert_meta, load_meta_checkpoint
 
 VOCAB = 64
 TOKENS = torch.tensor([[5, 17, 33, 2, 60, 41, 9, 28, 50, 23, 31, 4]])

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fuselm.demo.picture_checker import best_reading, read_scene, scene_matches
 from fuselm.demo.world import (
     BACKGROUND,
     COLOURS,
@@ -23,7 +24,6 @@ from fuselm.demo.world import (
     split_of,
 )
 from fuselm.errors import FuselmError
-from fuselm.demo.picture_checker import best_reading, read_scene, scene_matches
 
 SCENES = all_scenes()
 

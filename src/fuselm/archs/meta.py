@@ -19,11 +19,10 @@ from collections.abc import Mapping
 
 import torch
 
-from ..config import ModelConfig
+from ..config import ModelConfig, expected_shapes
 from ..errors import FuselmError
 from ..transforms.qknorm import expand_heads, group_heads
 from .gguf import permute_for_interleaved_rope, unpermute_from_interleaved_rope
-from ..config import expected_shapes
 
 META_MODULES = {
     "embed": "tok_embeddings",

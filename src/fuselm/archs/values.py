@@ -53,7 +53,8 @@ def read_int(cfg: Mapping, key: str, source: str, default: Any = MISSING, label:
     return value
 
 
-def read_float(cfg: Mapping, key: str, source: str, default: Any = MISSING, label: str = "config", *, positive: bool = True) -> Any:
+def read_float(cfg: Mapping, key: str, source: str, default: Any = MISSING, label: str = "config", *,
+               positive: bool = True) -> Any:
     value = _plain(cfg.get(key)) if isinstance(cfg, Mapping) else None
     if value is None:
         if default is MISSING:

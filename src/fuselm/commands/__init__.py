@@ -1,5 +1,5 @@
 """Subcommands that live next to their library code. Each module has register(subparsers)."""
 
-from . import bench, demo_cmds, evals, quantize, serve, transforms
+from . import bench, evals, quantize, serve, transforms
 
 REGISTRY: list = [quantize.register, transforms.register, bench.register, evals.register, serve.register]

@@ -62,5 +62,6 @@ def max_tokens_from_args(args, model) -> int:
 
 
 def sampling_kwargs_from_args(args, model) -> dict:
-    return dict(max_tokens=max_tokens_from_args(args, model), temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+    return dict(max_tokens=max_tokens_from_args(args, model), temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p,
                 min_p=args.min_p, repetition_penalty=args.repeat_penalty, seed=args.seed, stop=tuple(args.stop))

@@ -5,8 +5,6 @@ The demo model's quality table is `fuselm demo eval`."""
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import json
 import re
 

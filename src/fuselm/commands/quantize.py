@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+
 from ..quants.mixes import FTYPES
 from ..reshape.quantize import quantize_model, summary_table
 

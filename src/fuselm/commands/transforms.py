@@ -35,8 +35,8 @@ def cmd_convert(args) -> int:
 
 
 def register(sub) -> None:
-    from ..transforms.flashnorm import HELP_FLASHIFY, HELP_FLASHIFY_STRICT
     from ..load.meta import HELP_CONVERT, HELP_CONVERT_QK_NORM
+    from ..transforms.flashnorm import HELP_FLASHIFY, HELP_FLASHIFY_STRICT
     from ..transforms.qknorm import HELP_REGROUP_AVERAGE, HELP_REGROUP_GROUPS, HELP_REGROUP_QKNORM
 
     fmt_help = "output format: hf (a directory) or gguf (default: gguf when OUT ends in .gguf, else hf)"

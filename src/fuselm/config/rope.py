@@ -27,7 +27,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..errors import FuselmError
@@ -63,7 +62,8 @@ def _check_value(key: str, v: Any, rope_type: str) -> tuple[bool, str, Any]:
         # Linear may compress (s < 1); the NTK family and the band methods assume s >= 1.
         if rope_type == "linear":
             return finite_number(v) and v > 0, "a number > 0", float(v) if finite_number(v) else v
-        return finite_number(v) and v >= 1, f"a number >= 1 for rope_type '{rope_type}'", float(v) if finite_number(v) else v
+        ok = finite_number(v) and v >= 1
+        return ok, f"a number >= 1 for rope_type '{rope_type}'", float(v) if finite_number(v) else v
     if key == "original_max_position_embeddings":
         ok = finite_number(v) and v > 0 and float(v).is_integer()
         return ok, "a positive integer", int(v) if ok else v

@@ -16,6 +16,7 @@ import re
 
 from .model import ModelConfig
 
+
 def expected_shapes(config: ModelConfig, qk_norm_groups: tuple[int, int] | None = None) -> dict[str, tuple]:
     """Internal tensor name -> shape for a model with this config.
 

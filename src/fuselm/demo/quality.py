@@ -127,8 +127,8 @@ def quantized_variant(src: Path, work: Path, ftype: str) -> Path:
 
 
 def flashnorm_variant(src: Path, work: Path) -> Path:
-    from ..reshape.checkpoint import write_model
     from ..load import read_source
+    from ..reshape.checkpoint import write_model
     from ..transforms.flashnorm import flashify
 
     source = read_source(src)

@@ -18,10 +18,10 @@ from pathlib import Path
 from PIL import Image
 
 from ..errors import FuselmError
-from .picture_checker import read_scene, scene_matches
 from ..generation.sampling import GREEDY, SamplingParams
 from ..generation.stream import Done, ImageDone, TextDelta
 from ..vision.vocab import END_TURN
+from .picture_checker import read_scene, scene_matches
 from .world import STORY_REQUEST, caption, parse_caption, render, sample_scenes
 
 SHOW_SIZE = 128  # pixels on the page (the world's pictures are 32x32, upscaled with NEAREST)

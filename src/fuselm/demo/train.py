@@ -268,13 +268,12 @@ def _save_tokenizer(directory: Path, tok: Tokenizer) -> None:
 def save_gguf(directory: Path, config: ModelConfig, model: Transformer, vq: VQGAN, tok: Tokenizer) -> Path:
     """demo.gguf (F32) + demo-vqgan.gguf + tokenizer.json/tokenizer_config.json in `directory`."""
     from ..archs import write_gguf
-    from ..formats.gguf import companion_path, write_vqgan_gguf
 
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
     tensors = {name: (t, "F32") for name, t in internal_to_gguf(config, state).items()}
-    path = write_gguf(directory / MODEL_FILE, config, tensors, tokenizer=tok, progress=False)
-    write_vqgan_gguf(companion_path(path), vq.config.to_dict(), vqgan_state_dict(vq))
+    path = write_gguf(directory / MODEL_FILE, config, tensors, tokenizer=tok, progress=False,
+                      vqgan=(vq.config.to_dict(), vqgan_state_dict(vq)))
     _save_tokenizer(directory, tok)
     return path
 
@@ -330,7 +329,7 @@ def training_note(log: TrainingLog, files: dict[str, int]) -> str:
 
 def gguf_writer_available() -> bool:
     try:
-        from ..formats.gguf import write_gguf, write_vqgan_gguf  # noqa: F401
+        from ..archs import write_gguf  # noqa: F401
     except ImportError:
         return False
     return True

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .picture_checker import scene_matches
 from ..vision import VQGAN, VQGANConfig
 from ..vision.processor import ImageProcessor
 from ..vision.vqgan import nearest_code
+from .picture_checker import scene_matches
 from .recipe import Recipe, TrainingLog, pixels_of
 from .world import IMAGE_SIZE, Scene
 

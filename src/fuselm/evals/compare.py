@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import FuselmError
 from ..config.rope import ROPE_TYPES, normalize_rope_scaling
+from ..errors import FuselmError
 from .passkey import STYLES, PasskeyStyle, passkey_accuracy
 from .perplexity import sliding_window_perplexity
 

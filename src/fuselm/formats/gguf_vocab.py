@@ -29,6 +29,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_
 from tokenizers.models import BPE
 
 from ..errors import FuselmError
+from .values import check_value
 
 K = gguf.Keys.Tokenizer
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = (int(t) for t in (
@@ -214,8 +215,8 @@ def tokenizer_to_gguf(tokenizer: Tokenizer, vocab_size: int, *, pre: str | None 
         out[K.SCORES] = score_list
         if not _prepends_space(spec):
             out[K.ADD_PREFIX] = False
-    elif merges:
-        out[K.MERGES] = merges
+    else:  # required by llama.cpp and by tokenizer_from_gguf, so written (as a typed empty array) even when empty
+        out[K.MERGES] = merges if merges else np.array([], dtype=np.str_)
     if unk_id is not None:
         out[K.UNK_ID] = int(unk_id)
     add_bos, add_eos = _adds_special(spec)
@@ -242,13 +243,73 @@ def _require(metadata: Mapping, key: str, source: str):
     return metadata[key]
 
 
+def _string_list(metadata: Mapping, key: str, source: str) -> list[str]:
+    value = _require(metadata, key, source)
+    if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+        raise FuselmError(f"{source}: key {key!r} must be an array of strings, got {_kind(value)}")
+    for i, t in enumerate(value):
+        if not t.isascii():
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError:
+                raise FuselmError(f"{source}: key {key!r} entry {i} is not valid UTF-8 ({t!r})") from None
+    return value
+
+
+def _number_array(metadata: Mapping, key: str, n: int, kind: str, source: str) -> np.ndarray | None:
+    value = metadata.get(key)
+    if value is None:
+        return None
+    want = np.integer if kind == "int" else np.number
+    if not isinstance(value, np.ndarray) or not np.issubdtype(value.dtype, want) or value.ndim != 1:
+        raise FuselmError(f"{source}: key {key!r} must be an array of {kind}s, got {_kind(value)}")
+    if len(value) != n:
+        raise FuselmError(f"{source}: key {key!r} has {len(value)} entries for {n} tokens")
+    if kind == "float" and not np.isfinite(value).all():
+        raise FuselmError(f"{source}: key {key!r} holds values that are not finite numbers")
+    return value
+
+
+def _token_id(metadata: Mapping, key: str, n: int, source: str, *, required_in_range: bool = True) -> int | None:
+    value = metadata.get(key)
+    if value is None:
+        return None
+    value = check_value(value, "int", f"{source}: key {key!r}")
+    if not 0 <= value < n:
+        if not required_in_range:
+            return None
+        raise FuselmError(f"{source}: key {key!r} is {value}, outside the {n}-token vocabulary")
+    return value
+
+
+def _flag(metadata: Mapping, key: str, default: bool, source: str) -> bool:
+    value = metadata.get(key)
+    return default if value is None else check_value(value, "bool", f"{source}: key {key!r}")
+
+
+def _text(metadata: Mapping, key: str, source: str, default: str | None = None) -> str | None:
+    value = metadata.get(key)
+    return default if value is None else check_value(value, "str", f"{source}: key {key!r}")
+
+
+def _kind(value) -> str:
+    if isinstance(value, np.ndarray):
+        return f"an array of {value.dtype}"
+    if isinstance(value, list):
+        kinds = sorted({type(v).__name__ for v in value[:1000]})
+        return f"an array of {'/'.join(kinds) or 'nothing'}"
+    return f"a {type(value).__name__}"
+
+
 def tokenizer_from_gguf(metadata: Mapping[str, Any], source: str = "gguf") -> Tokenizer:
-    """Rebuild a `tokenizers.Tokenizer` (encode/decode) from `tokenizer.ggml.*` metadata (gpt2 or llama models)."""
-    kind = _require(metadata, K.MODEL, source)
-    tokens = list(_require(metadata, K.LIST, source))
-    types = np.asarray(metadata.get(K.TOKEN_TYPE, np.full(len(tokens), NORMAL)), dtype=np.int64)
-    if len(types) != len(tokens):
-        raise FuselmError(f"{source}: key {K.TOKEN_TYPE!r} has {len(types)} entries for {len(tokens)} tokens")
+    """Rebuild a `tokenizers.Tokenizer` (encode/decode) from `tokenizer.ggml.*` metadata (gpt2 or llama models).
+    Every key is type-checked first; a wrong one raises FuselmError naming `source` and the key."""
+    kind = _text(metadata, K.MODEL, source)
+    if kind is None:
+        raise FuselmError(f"{source}: missing required GGUF key {K.MODEL!r}")
+    tokens = _string_list(metadata, K.LIST, source)
+    types = _number_array(metadata, K.TOKEN_TYPE, len(tokens), "int", source)
+    types = np.full(len(tokens), NORMAL, np.int64) if types is None else types.astype(np.int64)
     vocab = {t: i for i, t in enumerate(tokens)}  # llama.cpp: a repeated string maps to its last id
     if kind == "gpt2":
         tok = _byte_level_bpe(metadata, tokens, vocab, source)
@@ -264,29 +325,30 @@ def tokenizer_from_gguf(metadata: Mapping[str, Any], source: str = "gguf") -> To
     return tok
 
 
-def tokenizer_config_from_gguf(metadata: Mapping[str, Any]) -> dict[str, Any]:
+def tokenizer_config_from_gguf(metadata: Mapping[str, Any], source: str = "gguf") -> dict[str, Any]:
     """tokenizer_config.json's fields from `tokenizer.*` metadata: bos/eos token strings, add_bos_token and the
-    chat template when there is one (token ids out of range give None)."""
-    tokens = metadata.get("tokenizer.ggml.tokens") or []
+    chat template when there is one (token ids out of range give None; wrongly typed keys raise)."""
+    tokens = _string_list(metadata, K.LIST, source) if metadata.get(K.LIST) is not None else []
 
     def name(key: str) -> str | None:
-        i = metadata.get(key)
-        return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
+        i = _token_id(metadata, key, len(tokens), source, required_in_range=False)
+        return None if i is None else tokens[i]
 
-    config = {"bos_token": name("tokenizer.ggml.bos_token_id"), "eos_token": name("tokenizer.ggml.eos_token_id"),
-              "add_bos_token": bool(metadata.get("tokenizer.ggml.add_bos_token", False))}
-    if metadata.get("tokenizer.chat_template"):
-        config["chat_template"] = metadata["tokenizer.chat_template"]
+    config = {"bos_token": name(K.BOS_ID), "eos_token": name(K.EOS_ID),
+              "add_bos_token": _flag(metadata, K.ADD_BOS, False, source)}
+    template = _text(metadata, K.CHAT_TEMPLATE, source)
+    if template:
+        config["chat_template"] = template
     return config
 
 
 def _byte_level_bpe(metadata: Mapping, tokens: list[str], vocab: dict[str, int], source: str) -> Tokenizer:
-    pre = metadata.get(K.PRE) or "default"
+    pre = _text(metadata, K.PRE, source) or "default"
     if pre not in PRE_TOKENIZER_REGEXES:
         raise FuselmError(f"{source}: pre-tokenizer {pre!r} (key {K.PRE!r}) is not supported; fuselm knows "
                           f"{', '.join(sorted(PRE_TOKENIZER_REGEXES))}")
     merges = []
-    for m in _require(metadata, K.MERGES, source):
+    for m in _string_list(metadata, K.MERGES, source):
         i = m.find(" ", 1)  # llama.cpp splits at the first space after the first character
         if i < 0:
             raise FuselmError(f"{source}: merge {m!r} in {K.MERGES!r} has no space")
@@ -318,18 +380,17 @@ def spm_merges(vocab: Mapping[str, int], scores: np.ndarray) -> list[tuple[str, 
 
 def _sentencepiece_bpe(metadata: Mapping, tokens: list[str], types: np.ndarray, vocab: dict[str, int],
                        source: str) -> Tokenizer:
-    scores = np.asarray(_require(metadata, K.SCORES, source), dtype=np.float32)
-    if len(scores) != len(tokens):
-        raise FuselmError(f"{source}: key {K.SCORES!r} has {len(scores)} entries for {len(tokens)} tokens")
-    unk_id = metadata.get(K.UNK_ID)
+    _require(metadata, K.SCORES, source)
+    scores = _number_array(metadata, K.SCORES, len(tokens), "float", source).astype(np.float32)
+    unk_id = _token_id(metadata, K.UNK_ID, len(tokens), source)
     if unk_id is None and (types == UNKNOWN).any():
         unk_id = int(np.flatnonzero(types == UNKNOWN)[0])
-    unk = tokens[int(unk_id)] if unk_id is not None else None
+    unk = tokens[unk_id] if unk_id is not None else None
     # Only ordinary pieces merge; control, byte and unused entries are reached by id, byte fallback or not at all.
     mergeable = {t: i for t, i in vocab.items() if types[i] in (NORMAL, USER_DEFINED)}
     model = BPE(vocab=vocab, merges=spm_merges(mergeable, scores), unk_token=unk, fuse_unk=True, byte_fallback=True)
     tok = Tokenizer(model)
-    prefix = bool(metadata.get(K.ADD_PREFIX, True))
+    prefix = _flag(metadata, K.ADD_PREFIX, True, source)
     # SentencePiece's dummy prefix: always one ▁ in front (even before a leading space), as llama.cpp does.
     tok.normalizer = normalizers.Sequence([*([normalizers.Prepend(SPACE)] if prefix else []),
                                            normalizers.Replace(" ", SPACE)])
@@ -340,19 +401,17 @@ def _sentencepiece_bpe(metadata: Mapping, tokens: list[str], types: np.ndarray, 
 
 def _post_processor(metadata: Mapping, tokens: list[str], kind: str, source: str):
     """Prepend BOS / append EOS as llama.cpp does by default for this tokenizer (or as the file says)."""
-    pre = metadata.get(K.PRE) or "default"
-    add_bos = metadata.get(K.ADD_BOS, kind == "llama" or pre in _ADD_BOS_DEFAULT)
-    add_eos = metadata.get(K.ADD_EOS, False)
+    pre = _text(metadata, K.PRE, source) or "default"
+    add_bos = _flag(metadata, K.ADD_BOS, kind == "llama" or pre in _ADD_BOS_DEFAULT, source)
+    add_eos = _flag(metadata, K.ADD_EOS, False, source)
     single, specials = ["$A:0"], []
     for flag, key, at_start in ((add_bos, K.BOS_ID, True), (add_eos, K.EOS_ID, False)):
-        token_id = metadata.get(key)
-        if not flag or token_id is None:
+        token_id = _token_id(metadata, key, len(tokens), source) if flag else None
+        if token_id is None:
             continue
-        if not 0 <= int(token_id) < len(tokens):
-            raise FuselmError(f"{source}: key {key!r} is {token_id}, outside the {len(tokens)}-token vocabulary")
-        text = tokens[int(token_id)]
+        text = tokens[token_id]
         single = [f"{text}:0", *single] if at_start else [*single, f"{text}:0"]
-        specials.append((text, int(token_id)))
+        specials.append((text, token_id))
     if not specials:
         return None
     pair = [*single, *(s.replace("$A", "$B").replace(":0", ":1") for s in single)]

@@ -18,7 +18,6 @@ from PIL import Image
 from ..errors import FuselmError
 from ..vision import ImageVocab
 from .decoder import Decoder, LogitsProcessor, generator_for, new_state, next_token
-from .prompt import default_stop_ids, encode_prompt, has_images, is_chat
 from .processors import (
     IMAGES_MODES,
     LATENT_PER_GRID,
@@ -27,6 +26,7 @@ from .processors import (
     ModalityMachine,
     TokenRoles,
 )
+from .prompt import default_stop_ids, encode_prompt, has_images, is_chat
 from .sampling import SamplingParams
 from .stream import Done, Event, ImageDone, ImageProgress, ImageStart, TextDelta, TextStream
 

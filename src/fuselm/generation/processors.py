@@ -1,7 +1,8 @@
 """Logits processors for mixed-modal decoding: the modality state machine and classifier-free guidance.
 
 Both follow the loop's contract `(state, logits[B, V]) -> logits[B or 1, V]`, so they also plug into
-`fuselm.generation.decoder`. The machine reads the tokens sampled so far from `state.generated` (it never needs to be told),
+`fuselm.generation.decoder`. The machine reads the tokens sampled so far from `state.generated` (it never needs to be
+told),
 so it can be asked about the current mode at any time.
 
 Two image layouts (all special tokens are looked up by name, never by id):

@@ -104,7 +104,7 @@ def _tokenizer(source: ModelSource) -> Tokenizer | None:
         from ..formats.gguf_vocab import tokenizer_config_from_gguf, tokenizer_from_gguf
 
         backend = tokenizer_from_gguf(source.tokenizer, source=str(source.path))
-        config = tokenizer_config_from_gguf(source.tokenizer)
+        config = tokenizer_config_from_gguf(source.tokenizer, source=str(source.path))
         return Tokenizer(backend, bos_token=config["bos_token"], eos_token=config["eos_token"],
                          chat_template=config.get("chat_template"), add_bos=config["add_bos_token"],
                          source=str(source.path))

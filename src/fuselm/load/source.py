@@ -137,25 +137,13 @@ def _read_gguf(src: Path, check: bool, keep_quantized: bool, keep_16bit: bool) -
             qtypes[name] = gf.tensors[gname].type_name
     if check and not qtypes:
         state = _check(config, state, str(src), lambda n: archs.gguf_tensor_name(config, n))
-    companion = gguf_format.companion_path(src)
-    vq = gguf_format.read_vqgan_gguf(companion) if companion.is_file() else None
-    if vq is None and archs.arch_record(config.arch).image_tokenizer and _needs_companion(src, gf):
-        raise FuselmError(f"{src}: this Chameleon file was written with an image tokenizer, but its companion "
-                          f"{companion.name} is missing; copy it beside the model (or remove the key "
-                          f"'fuselm.vqgan_companion' to load the model as text-only)")
+    vq = gguf_format.read_companion(gf)  # refuses a companion missing or left by another write
     tokenizer_files = src.parent if src.with_name("tokenizer.json").is_file() else None
     file_type = "gguf " + ("+".join(quantized) if quantized else "+".join(sorted(types)))
     return ModelSource(src, "gguf", config, state,
                        tokenizer={k: v for k, v in gf.metadata.items() if k.startswith("tokenizer.")},
                        chat_template=gf.metadata.get("tokenizer.chat_template"), vqgan=vq, qtypes=qtypes,
                        row_orders=row_orders, file_type=file_type, tokenizer_files=tokenizer_files)
-
-
-COMPANION_KEY = "fuselm.vqgan_companion"  # written when a -vqgan companion belongs to the file
-
-
-def _needs_companion(src: Path, gf) -> bool:
-    return bool(gf.metadata.get(COMPANION_KEY, False))
 
 
 def _reordered_rows(config, tensors: dict[str, torch.Tensor], as_bytes: set[str]) -> dict[str, torch.Tensor]:

@@ -10,8 +10,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from ..config import expected_shapes, is_norm_weight
-from ..config import ModelConfig
+from ..config import ModelConfig, expected_shapes, is_norm_weight
 from ..errors import FuselmError
 from .transformer import Transformer
 

@@ -14,7 +14,6 @@ import torch
 from .. import archs
 from ..config import ModelConfig
 from ..errors import FuselmError
-from ..formats import gguf as gguf_format
 from ..formats import hf as hf_format
 from ..load import ModelSource, read_source
 
@@ -29,9 +28,8 @@ def write_model(out: Path, fmt: str, config: ModelConfig, state: dict[str, torch
         gguf_types = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
         tensors = {n: (t, "F32" if t.ndim < 2 else gguf_types.get(t.dtype, "F32"))
                    for n, t in archs.internal_to_gguf(config, state).items()}
-        archs.write_gguf(out, config, tensors, tokenizer=source.tokenizer, chat_template=source.chat_template)
-        if source.vqgan is not None:
-            gguf_format.write_vqgan_gguf(gguf_format.companion_path(out), *source.vqgan)
+        archs.write_gguf(out, config, tensors, tokenizer=source.tokenizer, chat_template=source.chat_template,
+                         vqgan=source.vqgan)
         return out
     if out.suffix == ".gguf":
         raise FuselmError(f"{out}: looks like a GGUF path; pass --format gguf, or give a directory for HF output")
@@ -60,7 +58,8 @@ def _tokenizer_files_from_gguf(source: ModelSource) -> dict[str, str]:
 
     backend = tokenizer_from_gguf(source.tokenizer, source=str(source.path))
     return {"tokenizer.json": backend.to_str(),
-            "tokenizer_config.json": json.dumps(tokenizer_config_from_gguf(source.tokenizer), indent=2)}
+            "tokenizer_config.json": json.dumps(tokenizer_config_from_gguf(source.tokenizer, source=str(source.path)),
+                                                indent=2)}
 
 
 def output_format(out: str | Path, fmt: str | None = None) -> str:

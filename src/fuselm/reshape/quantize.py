@@ -7,10 +7,9 @@ from pathlib import Path
 
 from .. import archs
 from ..errors import FuselmError
-from ..formats import gguf as gguf_format
+from ..load import read_source
 from ..quants import quantize, row_bytes
 from ..quants.mixes import FTYPES, fallback_report, plan_types
-from ..load import read_source
 
 
 @dataclass(frozen=True)
@@ -53,9 +52,7 @@ def quantize_model(src: str | Path, out: str | Path, ftype: str, *, pure: bool =
             plans[choice.name] = (produce, choice.type, shape)
             nbytes = rows * row_bytes(choice.type, shape[-1])
         reports.append(TensorReport(choice.name, choice.type, shape, nbytes))
-    archs.write_gguf(out, config, plans, tokenizer=tokenizer, chat_template=template, progress=progress)
-    if vq is not None:
-        gguf_format.write_vqgan_gguf(gguf_format.companion_path(out), *vq)
+    archs.write_gguf(out, config, plans, tokenizer=tokenizer, chat_template=template, progress=progress, vqgan=vq)
     return reports, fallback_report(choices)
 
 

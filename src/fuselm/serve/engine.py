@@ -25,8 +25,8 @@ from typing import Any
 import torch
 
 from ..errors import FuselmError
-from ..generation.generate import generate
 from ..generation.decoder import SequenceState
+from ..generation.generate import generate
 from ..generation.stream import Done
 
 log = logging.getLogger("fuselm.serve")

@@ -19,8 +19,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from ..config import is_norm_weight
-from ..config import ModelConfig
+from ..config import ModelConfig, is_norm_weight
 from ..errors import FuselmError
 
 HELP_FLASHIFY = """\
@@ -174,7 +173,8 @@ def flashify(config: ModelConfig, state_dict: Mapping[str, torch.Tensor], *,
         report.append(f"added {len(added_bias)} bias tensors holding W*beta (LayerNorm bias moved past the linear)"
                       + (f" and {len(zeros)} zero biases ({', '.join(sorted(set(zeros)))}) because the "
                          f"bias flag covers every linear" if zeros else "")
-                      + "; config now has q/k/v, output and MLP biases (HF: attention_bias and mlp_bias; Falcon: bias) true")
+                      + "; config now has q/k/v, output and MLP biases (HF: attention_bias and mlp_bias; "
+                        "Falcon: bias) true")
     if strict and removed:
         new_config = new_config.replace(flashnorm=True)
         report.append(f"strict: removed {removed} folded norm tensor(s); config flashnorm=true "
