@@ -52,7 +52,7 @@ def llama_quantize(src: Path, dst: Path, ftype: str, *, pure: bool = False, leav
                    output_tensor_type: str | None = None, token_embedding_type: str | None = None,
                    tensor_types: Sequence[tuple[str, str]] = (), imatrix: Mapping[str, np.ndarray] | None = None,
                    kv_overrides: Sequence[tuple[str, int | float | bool | str]] = (), dry_run: bool = False,
-                   nthread: int = 2) -> str:
+                   only_copy: bool = False, nthread: int = 2) -> str:
     """Quantize SRC to DST with llama.cpp; return its log (asserting success)."""
     params = llama_cpp.llama_model_quantize_default_params()
     params.nthread = nthread
@@ -62,6 +62,7 @@ def llama_quantize(src: Path, dst: Path, ftype: str, *, pure: bool = False, leav
     params.output_tensor_type = _ggml_type(output_tensor_type)
     params.token_embedding_type = _ggml_type(token_embedding_type)
     params.dry_run = dry_run
+    params.only_copy = only_copy
     keep = []  # ctypes buffers that must outlive the call
     if tensor_types:
         arr = (llama_cpp.llama_model_tensor_override * (len(tensor_types) + 1))()
