@@ -1,0 +1,438 @@
+// fuselm's native quantizers: the reference (no importance matrix) K-quant and Q8_0 searches of ggml, written
+// from the numpy codecs in fuselm/quants (legacy.py, kquants.py, ksearch.py), which stay the specification and
+// are tested byte-equal to this file.
+//
+// Exactness needs C float semantics step by step: every operation in float, left to right, sums one element at
+// a time, no contraction into FMA (built with -ffp-contract=off, no -ffast-math), nearest_int as round half to
+// even (the 12582912 trick), roundf for Q8_0, fp16 stores rounded to nearest even (F16C).
+//
+// ABI: fqz_quantize(type, x, out, nrows, ncols) quantizes float32 rows into ggml blocks and returns 0, or -1 for
+// a type this file does not have. Rows run in parallel with OpenMP (the threads torch uses).
+
+#include <immintrin.h>
+#include <omp.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+constexpr int QK = 256;
+constexpr float GROUP_MAX_EPS = 1e-15f;
+
+enum GgmlType { Q8_0 = 8, Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
+
+inline int nearest_int(float v) {
+    float t = v + 12582912.f;
+    int32_t i;
+    std::memcpy(&i, &t, 4);
+    return (i & 0x007fffff) - 0x00400000;
+}
+
+inline uint16_t to_half(float v) { return _cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline float from_half(uint16_t h) { return _cvtsh_ss(h); }
+inline void put_half(uint8_t *p, float v) { uint16_t h = to_half(v); std::memcpy(p, &h, 2); }
+inline float get_half(const uint8_t *p) { uint16_t h; std::memcpy(&h, p, 2); return from_half(h); }
+inline int clampi(int v, int lo, int hi) { return v < lo ? lo : v > hi ? hi : v; }
+
+// ---------------------------------------------------------------- Q8_0
+
+void q8_0_block(const float *x, uint8_t *out) {
+    float amax = 0.f;
+    for (int j = 0; j < 32; ++j) amax = std::fmax(amax, std::fabs(x[j]));
+    const float d = amax / 127.f;
+    const float id = d != 0.f ? 1.f / d : 0.f;
+    put_half(out, d);
+    for (int j = 0; j < 32; ++j) out[2 + j] = (uint8_t)(int8_t)std::roundf(x[j] * id);
+}
+
+// ---------------------------------------------------------------- searches (ksearch.py)
+
+// Scale and min for n values into 0..nmax, weighted least squares over nstep+1 trial scales.
+float search_scale_min(int n, int nmax, const float *x, const float *w, uint8_t *L, float *the_min, float rmin,
+                       float rdelta, int nstep, bool use_mad) {
+    uint8_t aux[32];
+    float lo = x[0], hi = x[0], sum_w = w[0], sum_x = sum_w * x[0];
+    for (int i = 1; i < n; ++i) {
+        if (x[i] < lo) lo = x[i];
+        if (x[i] > hi) hi = x[i];
+        sum_w += w[i];
+        sum_x += w[i] * x[i];
+    }
+    if (lo > 0) lo = 0;
+    if (hi == lo) {
+        for (int i = 0; i < n; ++i) L[i] = 0;
+        *the_min = -lo;
+        return 0.f;
+    }
+    float iscale = nmax / (hi - lo);
+    float scale = 1 / iscale;
+    float best = 0;
+    for (int i = 0; i < n; ++i) {
+        L[i] = (uint8_t)clampi(nearest_int(iscale * (x[i] - lo)), 0, nmax);
+        float diff = scale * L[i] + lo - x[i];
+        diff = use_mad ? std::fabs(diff) : diff * diff;
+        best += w[i] * diff;
+    }
+    if (nstep < 1) {
+        *the_min = -lo;
+        return scale;
+    }
+    for (int step = 0; step <= nstep; ++step) {
+        iscale = (rmin + rdelta * step + nmax) / (hi - lo);
+        float sum_l = 0, sum_l2 = 0, sum_xl = 0;
+        for (int i = 0; i < n; ++i) {
+            int l = clampi(nearest_int(iscale * (x[i] - lo)), 0, nmax);
+            aux[i] = (uint8_t)l;
+            sum_l += w[i] * l;
+            sum_l2 += w[i] * l * l;
+            sum_xl += w[i] * l * x[i];
+        }
+        float det = sum_w * sum_l2 - sum_l * sum_l;
+        if (det > 0) {
+            float s = (sum_w * sum_xl - sum_x * sum_l) / det;
+            float m = (sum_l2 * sum_x - sum_l * sum_xl) / det;
+            if (m > 0) {
+                m = 0;
+                s = sum_xl / sum_l2;
+            }
+            float err = 0;
+            for (int i = 0; i < n; ++i) {
+                float diff = s * aux[i] + m - x[i];
+                diff = use_mad ? std::fabs(diff) : diff * diff;
+                err += w[i] * diff;
+            }
+            if (err < best) {
+                std::memcpy(L, aux, n);
+                best = err;
+                scale = s;
+                lo = m;
+            }
+        }
+    }
+    *the_min = -lo;
+    return scale;
+}
+
+// Signed scale for n values into -nmax..nmax-1 (stored + nmax), weights x^2, 18 trial scales (Q6_K).
+float search_symmetric(int n, int nmax, const float *x, int8_t *L) {
+    float mx = 0, amax = 0;
+    for (int i = 0; i < n; ++i) {
+        float a = std::fabs(x[i]);
+        if (a > amax) { amax = a; mx = x[i]; }
+    }
+    if (amax < GROUP_MAX_EPS) {
+        for (int i = 0; i < n; ++i) L[i] = 0;
+        return 0.f;
+    }
+    float iscale = -nmax / mx;
+    float sumlx = 0, suml2 = 0;
+    for (int i = 0; i < n; ++i) {
+        int l = clampi(nearest_int(iscale * x[i]), -nmax, nmax - 1);
+        L[i] = (int8_t)(l + nmax);
+        float w = x[i] * x[i];
+        sumlx += w * x[i] * l;
+        suml2 += w * l * l;
+    }
+    float scale = suml2 != 0 ? sumlx / suml2 : 0.0f;
+    float best = scale * sumlx;
+    for (int step = -9; step <= 9; ++step) {
+        if (step == 0) continue;
+        iscale = -(nmax + 0.1f * step) / mx;
+        sumlx = suml2 = 0;
+        for (int i = 0; i < n; ++i) {
+            int l = clampi(nearest_int(iscale * x[i]), -nmax, nmax - 1);
+            float w = x[i] * x[i];
+            sumlx += w * x[i] * l;
+            suml2 += w * l * l;
+        }
+        if (suml2 > 0 && sumlx * sumlx > best * suml2) {
+            for (int i = 0; i < n; ++i) L[i] = (int8_t)(nmax + clampi(nearest_int(iscale * x[i]), -nmax, nmax - 1));
+            scale = sumlx / suml2;
+            best = scale * sumlx;
+        }
+    }
+    return scale;
+}
+
+// Q3_K's search: start from the max scale, then move single codes while the weighted fit improves (5 passes).
+float search_q3(int n, int nmax, const float *x, int8_t *L) {
+    float mx = 0, amax = 0;
+    for (int i = 0; i < n; ++i) {
+        float a = std::fabs(x[i]);
+        if (a > amax) { amax = a; mx = x[i]; }
+    }
+    if (amax < GROUP_MAX_EPS) {
+        for (int i = 0; i < n; ++i) L[i] = 0;
+        return 0.f;
+    }
+    float iscale = -nmax / mx;
+    float sumlx = 0, suml2 = 0;
+    for (int i = 0; i < n; ++i) {
+        int l = clampi(nearest_int(iscale * x[i]), -nmax, nmax - 1);
+        L[i] = (int8_t)l;
+        float w = x[i] * x[i];
+        sumlx += w * x[i] * l;
+        suml2 += w * l * l;
+    }
+    for (int pass = 0; pass < 5; ++pass) {
+        int changed = 0;
+        for (int i = 0; i < n; ++i) {
+            float w = x[i] * x[i];
+            float slx = sumlx - w * x[i] * L[i];
+            if (slx > 0) {
+                float sl2 = suml2 - w * L[i] * L[i];
+                int nl = clampi(nearest_int(x[i] * sl2 / slx), -nmax, nmax - 1);
+                if (nl != L[i]) {
+                    slx += w * x[i] * nl;
+                    sl2 += w * nl * nl;
+                    if (sl2 > 0 && slx * slx * suml2 > sumlx * sumlx * sl2) {
+                        L[i] = (int8_t)nl;
+                        sumlx = slx;
+                        suml2 = sl2;
+                        ++changed;
+                    }
+                }
+            }
+        }
+        if (!changed) break;
+    }
+    for (int i = 0; i < n; ++i) L[i] = (int8_t)(L[i] + nmax);
+    return suml2 > 0.0f ? sumlx / suml2 : 0.0f;
+}
+
+// ---------------------------------------------------------------- Q4_K / Q5_K
+
+// 8 sub-blocks of 32: 6-bit scales and mins under fp16 d and dmin; out gets d, dmin, the 12 scale bytes; L the
+// codes 0..nmax from the stored scales.
+void k45_head(const float *x, int nmax, float rmin, int nstep, uint8_t *out, uint8_t *L) {
+    float scales[8], mins[8], w[32];
+    float max_scale = 0, max_min = 0;
+    for (int j = 0; j < 8; ++j) {
+        const float *xs = x + 32 * j;
+        float sum_x2 = 0;
+        for (int l = 0; l < 32; ++l) sum_x2 += xs[l] * xs[l];
+        const float av_x = std::sqrt(sum_x2 / 32);
+        for (int l = 0; l < 32; ++l) w[l] = av_x + std::fabs(xs[l]);
+        scales[j] = search_scale_min(32, nmax, xs, w, L + 32 * j, &mins[j], rmin, 0.1f, nstep, false);
+        if (scales[j] > max_scale) max_scale = scales[j];
+        if (mins[j] > max_min) max_min = mins[j];
+    }
+    const float inv_scale = max_scale > 0 ? 63.f / max_scale : 0.f;
+    const float inv_min = max_min > 0 ? 63.f / max_min : 0.f;
+    uint8_t *sc = out + 4, ls[8], lm[8];
+    for (int j = 0; j < 8; ++j) {
+        ls[j] = (uint8_t)nearest_int(inv_scale * scales[j]);
+        lm[j] = (uint8_t)nearest_int(inv_min * mins[j]);
+        if (ls[j] > 63) ls[j] = 63;
+        if (lm[j] > 63) lm[j] = 63;
+    }
+    for (int j = 0; j < 4; ++j) {
+        sc[j] = ls[j] | ((ls[j + 4] >> 4) << 6);
+        sc[j + 4] = lm[j] | ((lm[j + 4] >> 4) << 6);
+        sc[j + 8] = (ls[j + 4] & 0xF) | ((lm[j + 4] & 0xF) << 4);
+    }
+    put_half(out, max_scale / 63.f);
+    put_half(out + 2, max_min / 63.f);
+    const float d_all = get_half(out), m_all = get_half(out + 2);
+    for (int j = 0; j < 8; ++j) {
+        const float d = d_all * ls[j];
+        if (d == 0.f) continue;
+        const float dm = m_all * lm[j];
+        for (int i = 0; i < 32; ++i) L[32 * j + i] = (uint8_t)clampi(nearest_int((x[32 * j + i] + dm) / d), 0, nmax);
+    }
+}
+
+void q4_k_block(const float *x, uint8_t *out) {
+    uint8_t L[QK];
+    k45_head(x, 15, -1.f, 20, out, L);
+    uint8_t *q = out + 16;
+    for (int c = 0; c < 4; ++c)
+        for (int l = 0; l < 32; ++l) q[32 * c + l] = L[64 * c + l] | (L[64 * c + 32 + l] << 4);
+}
+
+void q5_k_block(const float *x, uint8_t *out) {
+    uint8_t L[QK];
+    k45_head(x, 31, -0.5f, 15, out, L);
+    uint8_t *qh = out + 16, *ql = out + 48;
+    std::memset(qh, 0, 32);
+    for (int c = 0; c < 4; ++c) {
+        for (int j = 0; j < 32; ++j) {
+            int a = L[64 * c + j], b = L[64 * c + 32 + j];
+            if (a > 15) { a -= 16; qh[j] |= (uint8_t)(1 << (2 * c)); }
+            if (b > 15) { b -= 16; qh[j] |= (uint8_t)(2 << (2 * c)); }
+            ql[32 * c + j] = (uint8_t)(a | (b << 4));
+        }
+    }
+}
+
+// ---------------------------------------------------------------- Q6_K
+
+void q6_k_block(const float *x, uint8_t *out) {
+    int8_t L[QK];
+    float scales[16];
+    float max_scale = 0, max_abs = 0;
+    for (int b = 0; b < 16; ++b) {
+        scales[b] = search_symmetric(16, 32, x + 16 * b, L + 16 * b);
+        const float a = std::fabs(scales[b]);
+        if (a > max_abs) { max_abs = a; max_scale = scales[b]; }
+    }
+    uint8_t *ql = out, *qh = out + 128;
+    int8_t *sc = (int8_t *)(out + 192);
+    if (max_abs < GROUP_MAX_EPS) {
+        std::memset(out, 0, 210);
+        put_half(out + 208, 0.f);
+        return;
+    }
+    const float iscale = -128.f / max_scale;
+    put_half(out + 208, 1 / iscale);
+    for (int b = 0; b < 16; ++b) {
+        int v = nearest_int(iscale * scales[b]);
+        sc[b] = (int8_t)(v < 127 ? v : 127);
+    }
+    const float d_all = get_half(out + 208);
+    for (int b = 0; b < 16; ++b) {
+        const float d = d_all * sc[b];
+        if (d == 0.f) continue;
+        for (int i = 0; i < 16; ++i) L[16 * b + i] = (int8_t)(clampi(nearest_int(x[16 * b + i] / d), -32, 31) + 32);
+    }
+    for (int h = 0; h < 2; ++h) {
+        const int8_t *Lh = L + 128 * h;
+        uint8_t *qlh = ql + 64 * h, *qhh = qh + 32 * h;
+        for (int l = 0; l < 32; ++l) {
+            qlh[l] = (uint8_t)((Lh[l] & 0xF) | ((Lh[l + 64] & 0xF) << 4));
+            qlh[l + 32] = (uint8_t)((Lh[l + 32] & 0xF) | ((Lh[l + 96] & 0xF) << 4));
+            qhh[l] = (uint8_t)((Lh[l] >> 4) | ((Lh[l + 32] >> 4) << 2) | ((Lh[l + 64] >> 4) << 4) |
+                               ((Lh[l + 96] >> 4) << 6));
+        }
+    }
+}
+
+// ---------------------------------------------------------------- Q2_K / Q3_K
+
+void pack_2bit(const uint8_t *L, uint8_t *qs) {
+    for (int h = 0; h < 2; ++h)
+        for (int l = 0; l < 32; ++l) {
+            const uint8_t *p = L + 128 * h + l;
+            qs[32 * h + l] = (uint8_t)(p[0] | (p[32] << 2) | (p[64] << 4) | (p[96] << 6));
+        }
+}
+
+void q2_k_block(const float *x, uint8_t *out) {
+    uint8_t L[QK];
+    float scales[16], mins[16], w[16];
+    float max_scale = 0, max_min = 0;
+    for (int j = 0; j < 16; ++j) {
+        for (int l = 0; l < 16; ++l) w[l] = std::fabs(x[16 * j + l]);
+        scales[j] = search_scale_min(16, 3, x + 16 * j, w, L + 16 * j, &mins[j], -0.5f, 0.1f, 15, true);
+        if (scales[j] > max_scale) max_scale = scales[j];
+        if (mins[j] > max_min) max_min = mins[j];
+    }
+    uint8_t *sc = out;
+    if (max_scale > 0) {
+        const float iscale = 15.f / max_scale;
+        for (int j = 0; j < 16; ++j) sc[j] = (uint8_t)nearest_int(iscale * scales[j]);
+        put_half(out + 80, max_scale / 15.f);
+    } else {
+        std::memset(sc, 0, 16);
+        put_half(out + 80, 0.f);
+    }
+    if (max_min > 0) {
+        const float iscale = 15.f / max_min;
+        for (int j = 0; j < 16; ++j) sc[j] = (uint8_t)(sc[j] | (nearest_int(iscale * mins[j]) << 4));
+        put_half(out + 82, max_min / 15.f);
+    } else {
+        put_half(out + 82, 0.f);
+    }
+    const float d_all = get_half(out + 80), m_all = get_half(out + 82);
+    for (int j = 0; j < 16; ++j) {
+        const float d = d_all * (sc[j] & 0xF);
+        if (d == 0.f) continue;
+        const float dm = m_all * (sc[j] >> 4);
+        for (int i = 0; i < 16; ++i) L[16 * j + i] = (uint8_t)clampi(nearest_int((x[16 * j + i] + dm) / d), 0, 3);
+    }
+    pack_2bit(L, out + 16);
+}
+
+void q3_k_block(const float *x, uint8_t *out) {
+    int8_t L[QK];
+    float scales[16];
+    float max_scale = 0, amax = 0;
+    for (int j = 0; j < 16; ++j) {
+        scales[j] = search_q3(16, 4, x + 16 * j, L + 16 * j);
+        const float a = std::fabs(scales[j]);
+        if (a > amax) { amax = a; max_scale = scales[j]; }
+    }
+    uint8_t *hmask = out, *qs = out + 32, *sc = out + 96;
+    std::memset(sc, 0, 12);
+    if (max_scale != 0.f) {
+        const float iscale = -32.f / max_scale;
+        for (int j = 0; j < 16; ++j) {
+            int8_t l = (int8_t)nearest_int(iscale * scales[j]);
+            l = (int8_t)(clampi(l, -32, 31) + 32);
+            if (j < 8) sc[j] = l & 0xF;
+            else sc[j - 8] |= (uint8_t)((l & 0xF) << 4);
+            l >>= 4;
+            sc[j % 4 + 8] |= (uint8_t)(l << (2 * (j / 4)));
+        }
+        put_half(out + 108, 1 / iscale);
+    } else {
+        put_half(out + 108, 0.f);
+    }
+    const float d_all = get_half(out + 108);
+    for (int j = 0; j < 16; ++j) {
+        int8_t s = (int8_t)(j < 8 ? sc[j] & 0xF : sc[j - 8] >> 4);
+        s = (int8_t)((s | (((sc[8 + j % 4] >> (2 * (j / 4))) & 3) << 4)) - 32);
+        const float d = d_all * s;
+        if (d == 0.f) continue;
+        for (int i = 0; i < 16; ++i) L[16 * j + i] = (int8_t)(clampi(nearest_int(x[16 * j + i] / d), -4, 3) + 4);
+    }
+    std::memset(hmask, 0, 32);
+    for (int j = 0; j < QK; ++j) {
+        if (L[j] > 3) {
+            hmask[j % 32] |= (uint8_t)(1 << (j / 32));
+            L[j] = (int8_t)(L[j] - 4);
+        }
+    }
+    pack_2bit((const uint8_t *)L, qs);
+}
+
+struct Kind {
+    int block, bytes;
+    void (*run)(const float *, uint8_t *);
+};
+
+bool kind_of(int type, Kind *k) {
+    switch (type) {
+        case Q8_0: *k = {32, 34, q8_0_block}; return true;
+        case Q2_K: *k = {QK, 84, q2_k_block}; return true;
+        case Q3_K: *k = {QK, 110, q3_k_block}; return true;
+        case Q4_K: *k = {QK, 144, q4_k_block}; return true;
+        case Q5_K: *k = {QK, 176, q5_k_block}; return true;
+        case Q6_K: *k = {QK, 210, q6_k_block}; return true;
+        default: return false;
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+int fqz_version() { return 1; }
+
+int fqz_has(int type) {
+    Kind k;
+    return kind_of(type, &k) ? 1 : 0;
+}
+
+int fqz_quantize(int type, const float *x, uint8_t *out, int64_t nrows, int64_t ncols) {
+    Kind k;
+    if (!kind_of(type, &k) || ncols % k.block != 0) return -1;
+    const int64_t per_row = ncols / k.block, n = nrows * per_row;
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < n; ++b) k.run(x + b * k.block, out + b * k.bytes);
+    return 0;
+}
+
+}  // extern "C"

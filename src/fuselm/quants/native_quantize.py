@@ -1,0 +1,36 @@
+"""The native quantizers (csrc/quantize.cpp) behind one call, for the types it has; the numpy codecs are the
+specification and tests/test_quantize_native.py holds them byte-equal.
+
+`native_quantize(x, type)` returns None when the library or the type is not available here, so callers fall back
+to the numpy codec. No importance matrix: with one, the numpy codecs run.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGMLQuantizationType
+
+from fuselm.quants.ggml_types import ggml_type, row_bytes
+from fuselm.quants.kernel_build import quantize_library
+
+
+def native_types() -> frozenset[str]:
+    """The GGML type names the native library quantizes on this machine (empty without it)."""
+    lib = quantize_library()
+    if lib is None:
+        return frozenset()
+    return frozenset(t.name for t in GGMLQuantizationType if lib.fqz_has(int(t)))
+
+
+def native_quantize(x: np.ndarray, type_name: str) -> np.ndarray | None:
+    """float32 x [rows, cols] -> uint8 [rows, row_bytes] in ggml's layout, or None (no library or no such type)."""
+    lib = quantize_library()
+    t = ggml_type(type_name)
+    if lib is None or not lib.fqz_has(int(t.type_id)):
+        return None
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    rows, cols = x.shape
+    out = np.empty((rows, row_bytes(t.name, cols)), dtype=np.uint8)
+    if lib.fqz_quantize(int(t.type_id), x.ctypes.data, out.ctypes.data, rows, cols) != 0:
+        return None
+    return out
