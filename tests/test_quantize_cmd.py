@@ -108,15 +108,15 @@ def test_interrupted_quantize_leaves_no_file(f32_gguf, monkeypatch):
     import fuselm.reshape.quantize as qmod
 
     calls = {"n": 0}
-    real = qmod.quantize
+    real = qmod._quantize_fast
 
-    def failing(x, qtype, *, name):
+    def failing(x, qtype, name):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
-        return real(x, qtype, name=name)
+        return real(x, qtype, name)
 
-    monkeypatch.setattr(qmod, "quantize", failing)
+    monkeypatch.setattr(qmod, "_quantize_fast", failing)
     out = f32_gguf / "killed.gguf"
     with pytest.raises(KeyboardInterrupt):
         qmod.quantize_model(f32_gguf / "f32.gguf", out, "Q4_K_M", progress=False)

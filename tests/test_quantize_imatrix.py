@@ -17,8 +17,8 @@ from llama_quantize_ref import llama_quantize
 import fuselm.reshape.quantize as qmod
 from fuselm import FuselmError
 from fuselm.cli import main
-from fuselm.formats.imatrix import ImatrixEntry, write_imatrix
 from fuselm.formats.gguf import read_gguf
+from fuselm.formats.imatrix import ImatrixEntry, write_imatrix
 from fuselm.quants import quantize
 
 CODEC_TAKES_IMATRIX = "imatrix" in inspect.signature(quantize).parameters

@@ -25,7 +25,9 @@ from ..formats.gguf_exact import KeyValue, TensorOut, write_exact
 from ..formats.gguf_vocab import tokenizer_to_gguf
 from ..formats.imatrix import read_imatrix
 from ..quants import quantize, row_bytes
+from ..quants.codecs import _check_halves
 from ..quants.mixes import fallback_report, llama_order, mix_for, plan_types
+from ..quants.native_quantize import native_quantize
 from ..sources import read_source
 
 QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION
@@ -114,7 +116,7 @@ def _producer(t: torch.Tensor, type_: str, name: str, weights: np.ndarray | None
     def produce() -> np.ndarray:
         x = t.detach().reshape(-1, cols)
         if weights is None:
-            return quantize(x.float(), type_, name=name).numpy()
+            return _quantize_fast(x.float().contiguous().numpy(), type_, name)
         # One importance vector per matrix: experts of a 3-D tensor each get their own slice.
         mats = weights.reshape(-1, cols)
         rows = x.shape[0] // mats.shape[0]
@@ -123,6 +125,16 @@ def _producer(t: torch.Tensor, type_: str, name: str, weights: np.ndarray | None
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
     return produce
+
+
+def _quantize_fast(x: np.ndarray, type_: str, name: str) -> np.ndarray:
+    """The native quantizer where it has the type (byte-equal to the codec), else the numpy codec."""
+    if np.isfinite(x).all():
+        out = native_quantize(x, type_)
+        if out is not None:
+            _check_halves(out, type_, name, x)  # the codec's own overflow check, same message
+            return out
+    return quantize(x, type_, name=name).numpy()  # also the one clear error for NaN/Inf
 
 
 def _weights_for(choice, t: torch.Tensor, weights: Mapping[str, np.ndarray]) -> np.ndarray | None:
