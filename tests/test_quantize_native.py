@@ -11,7 +11,7 @@ from ggml_ref import ggml_quantize
 from fuselm.quants import quantize
 from fuselm.quants.native_quantize import native_quantize, native_types
 
-TYPES = ["Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+TYPES = ["Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"]
 
 
 def _rows(cols: int, seed: int) -> np.ndarray:

@@ -1,5 +1,5 @@
-// fuselm's native quantizers: the reference (no importance matrix) K-quant and Q8_0 searches of ggml, written
-// from the numpy codecs in fuselm/quants (legacy.py, kquants.py, ksearch.py), which stay the specification and
+// fuselm's native quantizers: ggml's searches without an importance matrix for Q8_0, the K-quants and IQ4, written
+// from the numpy codecs in fuselm/quants (legacy.py, kquants.py, ksearch.py, iq4nl.py), which stay the specification and
 // are tested byte-equal to this file.
 //
 // Exactness needs C float semantics step by step: every operation in float, left to right, sums one element at
@@ -21,7 +21,7 @@ namespace {
 constexpr int QK = 256;
 constexpr float GROUP_MAX_EPS = 1e-15f;
 
-enum GgmlType { Q8_0 = 8, Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
+enum GgmlType { Q8_0 = 8, Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13, Q6_K = 14, IQ4_NL = 20, IQ4_XS = 23 };
 
 inline int nearest_int(float v) {
     float t = v + 12582912.f;
@@ -398,6 +398,107 @@ void q3_k_block(const float *x, uint8_t *out) {
     pack_2bit((const uint8_t *)L, qs);
 }
 
+// ---------------------------------------------------------------- IQ4_NL / IQ4_XS (iq4nl.py)
+
+constexpr int8_t KVALUES[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+
+// The nearest codebook entry, a tie going up (ggml's best_index_int8). The midpoints between entries are
+// multiples of 1/2, so the answer depends only on floor(2v): a table over that, clamped at both ends.
+constexpr int SLOT_LO = 2 * -127 - 1, SLOT_HI = 2 * 113 + 1;
+
+struct IndexTable {
+    uint8_t idx[SLOT_HI - SLOT_LO + 1];
+    IndexTable() {
+        for (int s = SLOT_LO; s <= SLOT_HI; ++s) {
+            // midpoints m <= v for v in [s/2, (s+1)/2): m is a multiple of 1/2, so m <= s/2, i.e. 2m <= s
+            int n = 0;
+            for (int k = 0; k < 15; ++k) n += s >= KVALUES[k] + KVALUES[k + 1] ? 1 : 0;
+            idx[s - SLOT_LO] = (uint8_t)n;
+        }
+    }
+};
+const IndexTable INDEX;
+
+inline int best_index(float v) {
+    float t = 2 * v;  // exact
+    t = t < SLOT_LO ? SLOT_LO : t > SLOT_HI ? SLOT_HI : t;
+    return INDEX.idx[(int)std::floor(t) - SLOT_LO];
+}
+
+// The scale of one 32-group with weights x^2: the max scale, then 15 trial inverse scales (ntry = 7).
+float iq4_group_scale(const float *x) {
+    float amax = 0, mx = 0;
+    for (int j = 0; j < 32; ++j) {
+        const float a = std::fabs(x[j]);
+        if (a > amax) { amax = a; mx = x[j]; }
+    }
+    if (amax < GROUP_MAX_EPS) return 0.f;
+    float d = -mx / KVALUES[0];
+    float id = 1 / d, sumqx = 0, sumq2 = 0;
+    for (int j = 0; j < 32; ++j) {
+        const float q = KVALUES[best_index(id * x[j])], w = x[j] * x[j];
+        sumqx += w * q * x[j];
+        sumq2 += w * q * q;
+    }
+    d = sumq2 > 0 ? sumqx / sumq2 : 0.f;
+    float best = d * sumqx;
+    for (int t = -7; t <= 7; ++t) {
+        id = (t + KVALUES[0]) / mx;
+        sumqx = sumq2 = 0;
+        for (int j = 0; j < 32; ++j) {
+            const float q = KVALUES[best_index(id * x[j])], w = x[j] * x[j];
+            sumqx += w * q * x[j];
+            sumq2 += w * q * q;
+        }
+        if (sumq2 > 0 && sumqx * sumqx > best * sumq2) {
+            d = sumqx / sumq2;
+            best = d * sumqx;
+        }
+    }
+    return d;
+}
+
+void pack_iq4(const uint8_t *L, uint8_t *qs, int groups) {
+    for (int g = 0; g < groups; ++g)
+        for (int j = 0; j < 16; ++j) qs[16 * g + j] = (uint8_t)(L[32 * g + j] | (L[32 * g + 16 + j] << 4));
+}
+
+void iq4_nl_block(const float *x, uint8_t *out) {
+    const float d = iq4_group_scale(x);
+    put_half(out, d);
+    const float id = d != 0.f ? 1 / d : 0;
+    uint8_t L[32];
+    for (int j = 0; j < 32; ++j) L[j] = (uint8_t)best_index(id * x[j]);
+    pack_iq4(L, out + 2, 1);
+}
+
+void iq4_xs_block(const float *x, uint8_t *out) {
+    float scales[8];
+    float max_scale = 0, amax_scale = 0;
+    for (int g = 0; g < 8; ++g) {
+        scales[g] = iq4_group_scale(x + 32 * g);
+        const float a = std::fabs(scales[g]);
+        if (a > amax_scale) { amax_scale = a; max_scale = scales[g]; }
+    }
+    const float d = -max_scale / 32;
+    put_half(out, d);
+    const float id = d != 0.f ? 1 / d : 0.f;
+    uint16_t scales_h = 0;
+    uint8_t *scales_l = out + 4, L[QK];
+    std::memset(scales_l, 0, 4);
+    for (int g = 0; g < 8; ++g) {
+        int l = clampi(nearest_int(id * scales[g]), -32, 31);
+        const float dl = d * l;
+        const float idl = dl != 0.f ? 1 / dl : 0.f;
+        for (int j = 0; j < 32; ++j) L[32 * g + j] = (uint8_t)best_index(idl * x[32 * g + j]);
+        l += 32;
+        scales_l[g / 2] |= (uint8_t)((l & 0xF) << (4 * (g % 2)));
+        scales_h |= (uint16_t)((l >> 4) << (2 * g));
+    }
+    std::memcpy(out + 2, &scales_h, 2);
+    pack_iq4(L, out + 8, 8);
+}
+
 struct Kind {
     int block, bytes;
     void (*run)(const float *, uint8_t *);
@@ -411,6 +512,8 @@ bool kind_of(int type, Kind *k) {
         case Q4_K: *k = {QK, 144, q4_k_block}; return true;
         case Q5_K: *k = {QK, 176, q5_k_block}; return true;
         case Q6_K: *k = {QK, 210, q6_k_block}; return true;
+        case IQ4_NL: *k = {32, 18, iq4_nl_block}; return true;
+        case IQ4_XS: *k = {QK, 136, iq4_xs_block}; return true;
         default: return false;
     }
 }
