@@ -138,7 +138,7 @@ def native_unavailable_reason() -> str | None:
 
 QUANTIZE_SOURCE = Path(__file__).parent / "csrc" / "quantize.cpp"
 # -ffp-contract=off: no FMA contraction, so every float step rounds as ggml's reference C does
-QUANTIZE_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17", "-ffp-contract=off"]
+QUANTIZE_FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=c++17", "-ffp-contract=off"]
 QUANTIZE_ABI = 1
 
 

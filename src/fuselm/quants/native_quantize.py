@@ -7,7 +7,10 @@ to the numpy codec. No importance matrix: with one, the numpy codecs run.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
+import torch
 from gguf import GGMLQuantizationType
 
 from fuselm.quants.ggml_types import ggml_type, row_bytes
@@ -22,8 +25,10 @@ def native_types() -> frozenset[str]:
     return frozenset(t.name for t in GGMLQuantizationType if lib.fqz_has(int(t)))
 
 
-def native_quantize(x: np.ndarray, type_name: str) -> np.ndarray | None:
-    """float32 x [rows, cols] -> uint8 [rows, row_bytes] in ggml's layout, or None (no library or no such type)."""
+def native_quantize(x: np.ndarray, type_name: str, threads: int | None = None) -> np.ndarray | None:
+    """float32 x [rows, cols] -> uint8 [rows, row_bytes] in ggml's layout, or None (no library or no such type).
+
+    Rows are split over `threads` Python threads (default torch.get_num_threads()); ctypes drops the GIL."""
     lib = quantize_library()
     t = ggml_type(type_name)
     if lib is None or not lib.fqz_has(int(t.type_id)):
@@ -31,6 +36,15 @@ def native_quantize(x: np.ndarray, type_name: str) -> np.ndarray | None:
     x = np.ascontiguousarray(x, dtype=np.float32)
     rows, cols = x.shape
     out = np.empty((rows, row_bytes(t.name, cols)), dtype=np.uint8)
-    if lib.fqz_quantize(int(t.type_id), x.ctypes.data, out.ctypes.data, rows, cols) != 0:
-        return None
-    return out
+    workers = max(1, min(threads or torch.get_num_threads(), rows))
+    bounds = np.linspace(0, rows, workers + 1).astype(np.int64)
+
+    def run(r0: int, r1: int) -> int:
+        return lib.fqz_quantize(int(t.type_id), x[r0:].ctypes.data, out[r0:].ctypes.data, r1 - r0, cols)
+
+    if workers == 1:
+        codes = [run(0, rows)]
+    else:
+        with ThreadPoolExecutor(workers) as pool:
+            codes = list(pool.map(run, bounds[:-1], bounds[1:]))
+    return out if all(c == 0 for c in codes) else None

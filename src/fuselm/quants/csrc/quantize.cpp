@@ -7,10 +7,10 @@
 // even (the 12582912 trick), roundf for Q8_0, fp16 stores rounded to nearest even (F16C).
 //
 // ABI: fqz_quantize(type, x, out, nrows, ncols) quantizes float32 rows into ggml blocks and returns 0, or -1 for
-// a type this file does not have. Rows run in parallel with OpenMP (the threads torch uses).
+// a type this file does not have. It runs on the calling thread: callers split rows over threads, as
+// llama-quantize does (no OpenMP pool spinning against other work on a busy machine).
 
 #include <immintrin.h>
-#include <omp.h>
 
 #include <cmath>
 #include <cstdint>
@@ -49,111 +49,143 @@ void q8_0_block(const float *x, uint8_t *out) {
 
 // ---------------------------------------------------------------- searches (ksearch.py)
 
-// Scale and min for n values into 0..nmax, weighted least squares over nstep+1 trial scales.
-float search_scale_min(int n, int nmax, const float *x, const float *w, uint8_t *L, float *the_min, float rmin,
+// The searches run one group per vector lane (GCC vector extensions): each lane does exactly the scalar C steps
+// on its own group, in the same order, so the bytes do not change; branches become per-lane selects.
+template <int N> struct Lanes;
+template <> struct Lanes<8> {
+    typedef float f __attribute__((vector_size(32)));
+    typedef int32_t i __attribute__((vector_size(32)));
+};
+template <int N> using VF = typename Lanes<N>::f;
+template <int N> using VI = typename Lanes<N>::i;
+
+template <int N> inline VI<N> nearest_int_v(VF<N> v) {
+    VF<N> t = v + 12582912.f;
+    VI<N> i;
+    std::memcpy(&i, &t, sizeof i);
+    return (i & 0x007fffff) - 0x00400000;
+}
+
+template <int N> inline VF<N> fabs_v(VF<N> v) {
+    VI<N> i;
+    std::memcpy(&i, &v, sizeof i);
+    i &= 0x7fffffff;
+    VF<N> out;
+    std::memcpy(&out, &i, sizeof out);
+    return out;
+}
+
+template <int N> inline VI<N> clamp_v(VI<N> v, int lo, int hi) {
+    v = v < lo ? VI<N>{} + lo : v;
+    return v > hi ? VI<N>{} + hi : v;
+}
+
+template <int N> inline VF<N> to_f(VI<N> v) { return __builtin_convertvector(v, VF<N>); }
+
+// Group g's element i is xt[i][g]: n values per group, N groups side by side.
+template <int N> void transpose_in(const float *x, int n, VF<N> *xt) {
+    for (int i = 0; i < n; ++i)
+        for (int g = 0; g < N; ++g) xt[i][g] = x[n * g + i];
+}
+
+// Scale and min for n values into 0..nmax, weighted least squares over nstep+1 trial scales (make_qkx2_quants).
+template <int N>
+VF<N> search_scale_min(int n, int nmax, const VF<N> *x, const VF<N> *w, VI<N> *L, VF<N> *the_min, float rmin,
                        float rdelta, int nstep, bool use_mad) {
-    uint8_t aux[32];
-    float lo = x[0], hi = x[0], sum_w = w[0], sum_x = sum_w * x[0];
+    VI<N> aux[32];
+    VF<N> lo = x[0], hi = x[0], sum_w = w[0], sum_x = sum_w * x[0];
     for (int i = 1; i < n; ++i) {
-        if (x[i] < lo) lo = x[i];
-        if (x[i] > hi) hi = x[i];
+        lo = x[i] < lo ? x[i] : lo;
+        hi = x[i] > hi ? x[i] : hi;
         sum_w += w[i];
         sum_x += w[i] * x[i];
     }
-    if (lo > 0) lo = 0;
-    if (hi == lo) {
-        for (int i = 0; i < n; ++i) L[i] = 0;
-        *the_min = -lo;
-        return 0.f;
-    }
-    float iscale = nmax / (hi - lo);
-    float scale = 1 / iscale;
-    float best = 0;
+    lo = lo > 0 ? VF<N>{} : lo;
+    const VI<N> flat = hi == lo;
+    const VF<N> flat_min = -lo;
+    VF<N> iscale = (float)nmax / (hi - lo);
+    VF<N> scale = 1 / iscale;
+    VF<N> best{};
     for (int i = 0; i < n; ++i) {
-        L[i] = (uint8_t)clampi(nearest_int(iscale * (x[i] - lo)), 0, nmax);
-        float diff = scale * L[i] + lo - x[i];
-        diff = use_mad ? std::fabs(diff) : diff * diff;
+        L[i] = clamp_v<N>(nearest_int_v<N>(iscale * (x[i] - lo)), 0, nmax);
+        VF<N> diff = scale * to_f<N>(L[i]) + lo - x[i];
+        diff = use_mad ? fabs_v<N>(diff) : diff * diff;
         best += w[i] * diff;
     }
-    if (nstep < 1) {
-        *the_min = -lo;
-        return scale;
-    }
-    for (int step = 0; step <= nstep; ++step) {
+    for (int step = 0; nstep >= 1 && step <= nstep; ++step) {
         iscale = (rmin + rdelta * step + nmax) / (hi - lo);
-        float sum_l = 0, sum_l2 = 0, sum_xl = 0;
+        VF<N> sum_l{}, sum_l2{}, sum_xl{};
         for (int i = 0; i < n; ++i) {
-            int l = clampi(nearest_int(iscale * (x[i] - lo)), 0, nmax);
-            aux[i] = (uint8_t)l;
+            aux[i] = clamp_v<N>(nearest_int_v<N>(iscale * (x[i] - lo)), 0, nmax);
+            const VF<N> l = to_f<N>(aux[i]);
             sum_l += w[i] * l;
             sum_l2 += w[i] * l * l;
             sum_xl += w[i] * l * x[i];
         }
-        float det = sum_w * sum_l2 - sum_l * sum_l;
-        if (det > 0) {
-            float s = (sum_w * sum_xl - sum_x * sum_l) / det;
-            float m = (sum_l2 * sum_x - sum_l * sum_xl) / det;
-            if (m > 0) {
-                m = 0;
-                s = sum_xl / sum_l2;
-            }
-            float err = 0;
-            for (int i = 0; i < n; ++i) {
-                float diff = s * aux[i] + m - x[i];
-                diff = use_mad ? std::fabs(diff) : diff * diff;
-                err += w[i] * diff;
-            }
-            if (err < best) {
-                std::memcpy(L, aux, n);
-                best = err;
-                scale = s;
-                lo = m;
-            }
+        const VF<N> det = sum_w * sum_l2 - sum_l * sum_l;
+        VF<N> s = (sum_w * sum_xl - sum_x * sum_l) / det;
+        VF<N> m = (sum_l2 * sum_x - sum_l * sum_xl) / det;
+        const VI<N> clip = m > 0;
+        m = clip ? VF<N>{} : m;
+        s = clip ? sum_xl / sum_l2 : s;
+        VF<N> err{};
+        for (int i = 0; i < n; ++i) {
+            VF<N> diff = s * to_f<N>(aux[i]) + m - x[i];
+            diff = use_mad ? fabs_v<N>(diff) : diff * diff;
+            err += w[i] * diff;
         }
+        const VI<N> take = (det > 0) & (err < best);
+        for (int i = 0; i < n; ++i) L[i] = take ? aux[i] : L[i];
+        best = take ? err : best;
+        scale = take ? s : scale;
+        lo = take ? m : lo;
     }
-    *the_min = -lo;
-    return scale;
+    for (int i = 0; i < n; ++i) L[i] = flat ? VI<N>{} : L[i];
+    *the_min = flat ? flat_min : -lo;
+    return flat ? VF<N>{} : scale;
 }
 
-// Signed scale for n values into -nmax..nmax-1 (stored + nmax), weights x^2, 18 trial scales (Q6_K).
-float search_symmetric(int n, int nmax, const float *x, int8_t *L) {
-    float mx = 0, amax = 0;
+// Signed scale for n values into -nmax..nmax-1 (stored + nmax), weights x^2, 18 trial scales (Q6_K's
+// make_qx_quants with rmse_type 1).
+template <int N> VF<N> search_symmetric(int n, int nmax, const VF<N> *x, VI<N> *L) {
+    VF<N> mx{}, amax{};
     for (int i = 0; i < n; ++i) {
-        float a = std::fabs(x[i]);
-        if (a > amax) { amax = a; mx = x[i]; }
+        const VF<N> a = fabs_v<N>(x[i]);
+        const VI<N> bigger = a > amax;
+        amax = bigger ? a : amax;
+        mx = bigger ? x[i] : mx;
     }
-    if (amax < GROUP_MAX_EPS) {
-        for (int i = 0; i < n; ++i) L[i] = 0;
-        return 0.f;
-    }
-    float iscale = -nmax / mx;
-    float sumlx = 0, suml2 = 0;
+    const VI<N> zero = amax < GROUP_MAX_EPS;
+    VF<N> iscale = (float)-nmax / mx;
+    VF<N> sumlx{}, suml2{};
     for (int i = 0; i < n; ++i) {
-        int l = clampi(nearest_int(iscale * x[i]), -nmax, nmax - 1);
-        L[i] = (int8_t)(l + nmax);
-        float w = x[i] * x[i];
-        sumlx += w * x[i] * l;
-        suml2 += w * l * l;
+        const VI<N> l = clamp_v<N>(nearest_int_v<N>(iscale * x[i]), -nmax, nmax - 1);
+        L[i] = l + nmax;
+        const VF<N> w = x[i] * x[i], lf = to_f<N>(l);
+        sumlx += w * x[i] * lf;
+        suml2 += w * lf * lf;
     }
-    float scale = suml2 != 0 ? sumlx / suml2 : 0.0f;
-    float best = scale * sumlx;
+    VF<N> scale = suml2 != 0 ? sumlx / suml2 : VF<N>{};
+    VF<N> best = scale * sumlx;
     for (int step = -9; step <= 9; ++step) {
         if (step == 0) continue;
         iscale = -(nmax + 0.1f * step) / mx;
-        sumlx = suml2 = 0;
+        sumlx = VF<N>{};
+        suml2 = VF<N>{};
         for (int i = 0; i < n; ++i) {
-            int l = clampi(nearest_int(iscale * x[i]), -nmax, nmax - 1);
-            float w = x[i] * x[i];
-            sumlx += w * x[i] * l;
-            suml2 += w * l * l;
+            const VF<N> lf = to_f<N>(clamp_v<N>(nearest_int_v<N>(iscale * x[i]), -nmax, nmax - 1));
+            const VF<N> w = x[i] * x[i];
+            sumlx += w * x[i] * lf;
+            suml2 += w * lf * lf;
         }
-        if (suml2 > 0 && sumlx * sumlx > best * suml2) {
-            for (int i = 0; i < n; ++i) L[i] = (int8_t)(nmax + clampi(nearest_int(iscale * x[i]), -nmax, nmax - 1));
-            scale = sumlx / suml2;
-            best = scale * sumlx;
-        }
+        const VI<N> take = (suml2 > 0) & (sumlx * sumlx > best * suml2);
+        for (int i = 0; i < n; ++i)
+            L[i] = take ? nmax + clamp_v<N>(nearest_int_v<N>(iscale * x[i]), -nmax, nmax - 1) : L[i];
+        scale = take ? sumlx / suml2 : scale;
+        best = take ? scale * sumlx : best;
     }
-    return scale;
+    for (int i = 0; i < n; ++i) L[i] = zero ? VI<N>{} : L[i];
+    return zero ? VF<N>{} : scale;
 }
 
 // Q3_K's search: start from the max scale, then move single codes while the weighted fit improves (5 passes).
@@ -207,15 +239,20 @@ float search_q3(int n, int nmax, const float *x, int8_t *L) {
 // 8 sub-blocks of 32: 6-bit scales and mins under fp16 d and dmin; out gets d, dmin, the 12 scale bytes; L the
 // codes 0..nmax from the stored scales.
 void k45_head(const float *x, int nmax, float rmin, int nstep, uint8_t *out, uint8_t *L) {
-    float scales[8], mins[8], w[32];
+    VF<8> xt[32], wt[32], sum_x2{}, av_x, min_v;
+    VI<8> Lt[32];
+    transpose_in<8>(x, 32, xt);
+    for (int l = 0; l < 32; ++l) sum_x2 += xt[l] * xt[l];
+    const VF<8> mean = sum_x2 / 32;
+    for (int g = 0; g < 8; ++g) av_x[g] = std::sqrt(mean[g]);
+    for (int l = 0; l < 32; ++l) wt[l] = av_x + fabs_v<8>(xt[l]);
+    const VF<8> scale_v = search_scale_min<8>(32, nmax, xt, wt, Lt, &min_v, rmin, 0.1f, nstep, false);
+    float scales[8], mins[8];
     float max_scale = 0, max_min = 0;
     for (int j = 0; j < 8; ++j) {
-        const float *xs = x + 32 * j;
-        float sum_x2 = 0;
-        for (int l = 0; l < 32; ++l) sum_x2 += xs[l] * xs[l];
-        const float av_x = std::sqrt(sum_x2 / 32);
-        for (int l = 0; l < 32; ++l) w[l] = av_x + std::fabs(xs[l]);
-        scales[j] = search_scale_min(32, nmax, xs, w, L + 32 * j, &mins[j], rmin, 0.1f, nstep, false);
+        scales[j] = scale_v[j];
+        mins[j] = min_v[j];
+        for (int l = 0; l < 32; ++l) L[32 * j + l] = (uint8_t)Lt[l][j];
         if (scales[j] > max_scale) max_scale = scales[j];
         if (mins[j] > max_min) max_min = mins[j];
     }
@@ -272,9 +309,19 @@ void q5_k_block(const float *x, uint8_t *out) {
 void q6_k_block(const float *x, uint8_t *out) {
     int8_t L[QK];
     float scales[16];
+    for (int half = 0; half < 2; ++half) {  // 8 lanes: one AVX2 register per vector
+        VF<8> xt[16];
+        VI<8> Lt[16];
+        transpose_in<8>(x + 128 * half, 16, xt);
+        const VF<8> scale_v = search_symmetric<8>(16, 32, xt, Lt);
+        for (int g = 0; g < 8; ++g) {
+            const int b = 8 * half + g;
+            scales[b] = scale_v[g];
+            for (int i = 0; i < 16; ++i) L[16 * b + i] = (int8_t)Lt[i][g];
+        }
+    }
     float max_scale = 0, max_abs = 0;
     for (int b = 0; b < 16; ++b) {
-        scales[b] = search_symmetric(16, 32, x + 16 * b, L + 16 * b);
         const float a = std::fabs(scales[b]);
         if (a > max_abs) { max_abs = a; max_scale = scales[b]; }
     }
@@ -321,11 +368,22 @@ void pack_2bit(const uint8_t *L, uint8_t *qs) {
 
 void q2_k_block(const float *x, uint8_t *out) {
     uint8_t L[QK];
-    float scales[16], mins[16], w[16];
+    float scales[16], mins[16];
+    for (int half = 0; half < 2; ++half) {  // 8 lanes: one AVX2 register per vector
+        VF<8> xt[16], wt[16], min_v;
+        VI<8> Lt[16];
+        transpose_in<8>(x + 128 * half, 16, xt);
+        for (int l = 0; l < 16; ++l) wt[l] = fabs_v<8>(xt[l]);
+        const VF<8> scale_v = search_scale_min<8>(16, 3, xt, wt, Lt, &min_v, -0.5f, 0.1f, 15, true);
+        for (int g = 0; g < 8; ++g) {
+            const int j = 8 * half + g;
+            scales[j] = scale_v[g];
+            mins[j] = min_v[g];
+            for (int l = 0; l < 16; ++l) L[16 * j + l] = (uint8_t)Lt[l][g];
+        }
+    }
     float max_scale = 0, max_min = 0;
     for (int j = 0; j < 16; ++j) {
-        for (int l = 0; l < 16; ++l) w[l] = std::fabs(x[16 * j + l]);
-        scales[j] = search_scale_min(16, 3, x + 16 * j, w, L + 16 * j, &mins[j], -0.5f, 0.1f, 15, true);
         if (scales[j] > max_scale) max_scale = scales[j];
         if (mins[j] > max_min) max_min = mins[j];
     }
@@ -533,7 +591,6 @@ int fqz_quantize(int type, const float *x, uint8_t *out, int64_t nrows, int64_t 
     Kind k;
     if (!kind_of(type, &k) || ncols % k.block != 0) return -1;
     const int64_t per_row = ncols / k.block, n = nrows * per_row;
-#pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < n; ++b) k.run(x + b * k.block, out + b * k.bytes);
     return 0;
 }
