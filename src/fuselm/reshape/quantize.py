@@ -3,8 +3,10 @@ importance matrices, gguf-split shards; written atomically, one tensor in memory
 
 From a GGUF source the output's keys are the source's, in order and with their value types, then
 general.quantization_version and general.file_type, then the --override-kv keys and (with an imatrix) the
-quantize.imatrix.* keys, as llama.cpp's `llama_model_quantize` writes them; tensors follow llama.cpp's order.
-From an HF directory the keys are fuselm's own conversion of the config and tokenizer.
+quantize.imatrix.* keys, as llama.cpp's `llama_model_quantize` writes them; its tensors are taken from the mapped
+file as they are (one already in its target type is copied byte for byte), in llama.cpp's order, so memory holds
+about one tensor besides the mapping. From an HF directory the keys are fuselm's own conversion of the config and
+tokenizer.
 """
 
 from __future__ import annotations
@@ -64,12 +66,10 @@ def quantize_model(src: str | Path, out: str | Path, ftype: str, *, pure: bool =
     weights, imatrix_keys = _load_imatrix(imatrix)
     source = read_source(src)
     config = source.config
-    tensors = dict(archs.internal_to_gguf(config, source.state))
-    for name, t in gguf_extra_tensors(config).items():  # e.g. rope_freqs.weight for llama3 RoPE scaling
-        tensors.setdefault(name, torch.as_tensor(t))
+    gf = gguf_format.read_gguf(source.path) if source.kind == "gguf" else None
+    tensors = _file_tensors(gf) if gf is not None else _state_tensors(config, source.state)
     order = llama_order(tensors)
-    src_types = {n: _FLOAT_DTYPES.get(t.dtype, "F32") for n, t in tensors.items()}
-    choices = plan_types([(n, tuple(tensors[n].shape), src_types[n]) for n in order], mix.ftype, arch=config.arch,
+    choices = plan_types([(n, tensors[n].shape, tensors[n].type) for n in order], mix.ftype, arch=config.arch,
                          n_layers=config.num_hidden_layers, n_head=config.num_attention_heads,
                          n_head_kv=config.num_key_value_heads, pure=pure, leave_output_tensor=leave_output_tensor,
                          output_tensor_type=output_tensor_type, token_embedding_type=token_embedding_type,
@@ -82,14 +82,14 @@ def quantize_model(src: str | Path, out: str | Path, ftype: str, *, pure: bool =
     outs, reports = [], []
     for choice in choices:
         t = tensors[choice.name]
-        w = None if weights is None or choice.type == src_types[choice.name] else _weights_for(choice, t, weights)
-        if w is None and choice.requires_imatrix and choice.type != src_types[choice.name]:
+        w = None if weights is None or choice.type == t.type else _weights_for(choice, t.shape, weights)
+        if w is None and choice.requires_imatrix and choice.type != t.type:
             raise FuselmError(f"tensor {choice.name}: no importance-matrix entry for it in {imatrix}, and its type "
                               f"{choice.type} is garbage without one")
-        outs.append(TensorOut(choice.name, choice.type, tuple(t.shape), _producer(t, choice.type, choice.name, w)))
+        outs.append(TensorOut(choice.name, choice.type, t.shape, _producer(t, choice.type, choice.name, w)))
         nbytes = int(np.prod(t.shape[:-1], dtype=np.int64)) * row_bytes(choice.type, t.shape[-1])
-        reports.append(TensorReport(choice.name, choice.type, tuple(t.shape), nbytes, w is not None))
-    metadata = _source_metadata(source) if source.kind == "gguf" else _hf_metadata(source)
+        reports.append(TensorReport(choice.name, choice.type, t.shape, nbytes, w is not None))
+    metadata = [(k, gf.value_types[k], v) for k, v in gf.metadata.items()] if gf is not None else _hf_metadata(source)
     metadata = _set_keys(metadata, [("general.quantization_version", "UINT32", QUANTIZATION_VERSION),
                                     ("general.file_type", "UINT32", mix.file_type),
                                     *(_typed_override(k, v) for k, v in kv_overrides), *imatrix_keys],
@@ -103,18 +103,44 @@ def quantize_model(src: str | Path, out: str | Path, ftype: str, *, pure: bool =
 # ---------------------------------------------------------------- tensors
 
 
-def _producer(t: torch.Tensor, type_: str, name: str, weights: np.ndarray | None) -> Callable[[], np.ndarray]:
-    """The tensor's bytes in `type_`, made when the writer asks for them."""
+@dataclass(frozen=True)
+class _SourceTensor:
+    """A tensor to convert: its shape, GGML type, float values (made on request) and, from a GGUF, its bytes."""
+
+    shape: tuple[int, ...]
+    type: str
+    values: Callable[[], torch.Tensor]
+    raw: Callable[[], np.ndarray] | None = None
+
+
+def _file_tensors(gf) -> dict[str, _SourceTensor]:
+    """A GGUF source's own tensors, as llama.cpp reads them: same names, layouts and bytes (mapped, not loaded)."""
+    return {name: _SourceTensor(t.shape, t.type_name, t.to_torch, lambda t=t: t.data) for name, t in gf.tensors.items()}
+
+
+def _state_tensors(config, state: Mapping[str, torch.Tensor]) -> dict[str, _SourceTensor]:
+    tensors = dict(archs.internal_to_gguf(config, state))
+    for name, t in gguf_extra_tensors(config).items():  # e.g. rope_freqs.weight for llama3 RoPE scaling
+        tensors.setdefault(name, torch.as_tensor(t))
+    return {n: _SourceTensor(tuple(t.shape), _FLOAT_DTYPES.get(t.dtype, "F32"), lambda t=t: t)
+            for n, t in tensors.items()}
+
+
+def _producer(src: _SourceTensor, type_: str, name: str, weights: np.ndarray | None) -> Callable[[], np.ndarray]:
+    """The tensor's bytes in `type_`, made when the writer asks for them. A tensor already in that type is
+    copied as it is, as llama.cpp does."""
+    if type_ == src.type and src.raw is not None:
+        return src.raw
     if type_ == "F32":
-        return lambda: t.detach().to(torch.float32).contiguous().numpy()
+        return lambda: src.values().detach().to(torch.float32).contiguous().numpy()
     if type_ == "F16":
-        return lambda: t.detach().to(torch.float16).contiguous().numpy()
+        return lambda: src.values().detach().to(torch.float16).contiguous().numpy()
     if type_ == "BF16":
-        return lambda: t.detach().to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
-    cols = t.shape[-1]
+        return lambda: src.values().detach().to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
+    cols = src.shape[-1]
 
     def produce() -> np.ndarray:
-        x = t.detach().reshape(-1, cols)
+        x = src.values().detach().reshape(-1, cols)
         if weights is None:
             return _quantize_fast(x.float().contiguous().numpy(), type_, name)
         # One importance vector per matrix: experts of a 3-D tensor each get their own slice.
@@ -137,17 +163,17 @@ def _quantize_fast(x: np.ndarray, type_: str, name: str) -> np.ndarray:
     return quantize(x, type_, name=name).numpy()  # also the one clear error for NaN/Inf
 
 
-def _weights_for(choice, t: torch.Tensor, weights: Mapping[str, np.ndarray]) -> np.ndarray | None:
+def _weights_for(choice, shape: tuple[int, ...], weights: Mapping[str, np.ndarray]) -> np.ndarray | None:
     """llama.cpp's lookup: the entry of this name, of length cols * n_mat; a wrong length is an error, except for
     token_embd (which llama-imatrix never sees, and which then goes without)."""
     w = weights.get(choice.name)
     if w is None:
         return None
-    n_mat = t.shape[-3] if t.dim() >= 3 else 1
-    if w.size != t.shape[-1] * n_mat:
+    n_mat = shape[-3] if len(shape) >= 3 else 1
+    if w.size != shape[-1] * n_mat:
         if choice.name == "token_embd.weight":
             return None
-        raise FuselmError(f"tensor {choice.name}: imatrix entry has {w.size} values; expected {t.shape[-1] * n_mat} "
+        raise FuselmError(f"tensor {choice.name}: imatrix entry has {w.size} values; expected {shape[-1] * n_mat} "
                           f"(columns x matrices)")
     return w
 
@@ -173,11 +199,6 @@ def _load_imatrix(path: str | Path | None) -> tuple[dict[str, np.ndarray] | None
 
 
 # ---------------------------------------------------------------- metadata
-
-
-def _source_metadata(source) -> list[KeyValue]:
-    gf = gguf_format.read_gguf(source.path)
-    return [(k, gf.value_types[k], v) for k, v in gf.metadata.items()]
 
 
 def _hf_metadata(source) -> list[KeyValue]:
