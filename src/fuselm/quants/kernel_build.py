@@ -134,7 +134,7 @@ def native_unavailable_reason() -> str | None:
 
 
 
-# ---------------------------------------------------------------- the quantizers' library (csrc/quantize.cpp)
+# ---------------------------------------------------------------- the quantizers' library (csrc/quantize*.cpp/.h)
 
 QUANTIZE_SOURCE = Path(__file__).parent / "csrc" / "quantize.cpp"
 # -ffp-contract=off: no FMA contraction, so every float step rounds as ggml's reference C does
@@ -153,7 +153,8 @@ def quantize_library() -> ctypes.CDLL | None:
     if cxx is None:
         return None
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(QUANTIZE_SOURCE.read_bytes() + version.encode() + " ".join(QUANTIZE_FLAGS).encode()
+    sources = b"".join(p.read_bytes() for p in sorted(QUANTIZE_SOURCE.parent.glob("quantize*")))
+    key = hashlib.sha256(sources + version.encode() + " ".join(QUANTIZE_FLAGS).encode()
                          + _cpu_key().encode()).hexdigest()[:16]
     out = cache_dir() / f"libfuselm_quantize-{key}.so"
     if not out.exists():
