@@ -26,7 +26,7 @@ from ..formats import gguf as gguf_format
 from ..formats.gguf_exact import KeyValue, TensorOut, write_exact
 from ..formats.gguf_vocab import tokenizer_to_gguf
 from ..formats.imatrix import read_imatrix
-from ..quants import ggml_type, quantize, row_bytes
+from ..quants import CODECS, quantize, row_bytes
 from ..quants.codecs import _check_halves
 from ..quants.mixes import fallback_report, llama_order, mix_for, plan_types
 from ..quants.native_quantize import native_quantize
@@ -82,8 +82,9 @@ def quantize_model(src: str | Path, out: str | Path, ftype: str, *, pure: bool =
     outs, reports = [], []
     for choice in choices:
         t = tensors[choice.name]
-        if choice.type != t.type:
-            ggml_type(choice.type)  # a type without a codec fails here, before anything is written
+        if choice.type != t.type and choice.type not in CODECS:  # fail before anything is written
+            raise FuselmError(f"tensor {choice.name}: {mix.ftype} plans {choice.type} for it, which fuselm cannot "
+                              f"write (codecs: {', '.join(CODECS)})")
         w = None if weights is None or choice.type == t.type else _weights_for(choice, t.shape, weights)
         if w is None and choice.requires_imatrix and choice.type != t.type:
             raise FuselmError(f"tensor {choice.name}: no importance-matrix entry for it in {imatrix}, and its type "
