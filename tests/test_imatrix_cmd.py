@@ -129,3 +129,23 @@ def test_command_line(setup, tmp_path, capsys):
         compute_imatrix(hf, d / "calib.txt", tmp_path / "x.gguf", ctx=320, progress=False)
     with pytest.raises(FuselmError, match="fewer than 16 tokens"):
         compute_imatrix(hf, d / "calib.txt", tmp_path / "x.gguf", ctx=8, progress=False)
+
+
+
+def test_gguf_model_gives_the_same_statistics(setup, tmp_path):
+    """A GGUF model (weights dequantized to dense) collects what the same HF model does."""
+    import shutil
+
+    from fuselm.cli import main
+    from fuselm.evals.imatrix import collect_imatrix, load_dense
+
+    d, hf, ids = setup
+    plain = shutil.copytree(hf, tmp_path / "hf", ignore=shutil.ignore_patterns("tokenizer*"))
+    assert main(["quantize", str(plain), str(tmp_path / "f32.gguf"), "--type", "F32"]) == 0
+    ids = [1 if i % CTX == 0 else t for i, t in enumerate(ids)]  # BOS already at every chunk start
+    a = collect_imatrix(load_dense(hf), ids, ctx=CTX, chunks=2, progress=False)
+    b = collect_imatrix(load_dense(tmp_path / "f32.gguf"), ids, ctx=CTX, chunks=2, progress=False)
+    assert sorted(a.entries) == sorted(b.entries)
+    for name in a.entries:
+        np.testing.assert_allclose(b.entries[name].sums, a.entries[name].sums, rtol=1e-5, err_msg=name)
+    assert b.ppl == pytest.approx(a.ppl, rel=1e-5)
