@@ -51,52 +51,6 @@ void q8_0_block(const float *x, uint8_t *out) {
 
 #include "quantize_lanes.h"
 
-// Q3_K's search: start from the max scale, then move single codes while the weighted fit improves (5 passes).
-float search_q3(int n, int nmax, const float *x, int8_t *L) {
-    float mx = 0, amax = 0;
-    for (int i = 0; i < n; ++i) {
-        float a = std::fabs(x[i]);
-        if (a > amax) { amax = a; mx = x[i]; }
-    }
-    if (amax < GROUP_MAX_EPS) {
-        for (int i = 0; i < n; ++i) L[i] = 0;
-        return 0.f;
-    }
-    float iscale = -nmax / mx;
-    float sumlx = 0, suml2 = 0;
-    for (int i = 0; i < n; ++i) {
-        int l = clampi(nearest_int(iscale * x[i]), -nmax, nmax - 1);
-        L[i] = (int8_t)l;
-        float w = x[i] * x[i];
-        sumlx += w * x[i] * l;
-        suml2 += w * l * l;
-    }
-    for (int pass = 0; pass < 5; ++pass) {
-        int changed = 0;
-        for (int i = 0; i < n; ++i) {
-            float w = x[i] * x[i];
-            float slx = sumlx - w * x[i] * L[i];
-            if (slx > 0) {
-                float sl2 = suml2 - w * L[i] * L[i];
-                int nl = clampi(nearest_int(x[i] * sl2 / slx), -nmax, nmax - 1);
-                if (nl != L[i]) {
-                    slx += w * x[i] * nl;
-                    sl2 += w * nl * nl;
-                    if (sl2 > 0 && slx * slx * suml2 > sumlx * sumlx * sl2) {
-                        L[i] = (int8_t)nl;
-                        sumlx = slx;
-                        suml2 = sl2;
-                        ++changed;
-                    }
-                }
-            }
-        }
-        if (!changed) break;
-    }
-    for (int i = 0; i < n; ++i) L[i] = (int8_t)(L[i] + nmax);
-    return suml2 > 0.0f ? sumlx / suml2 : 0.0f;
-}
-
 // ---------------------------------------------------------------- Q4_K / Q5_K
 
 // 8 sub-blocks of 32: 6-bit scales and mins under fp16 d and dmin; out gets d, dmin, the 12 scale bytes; L the
@@ -279,9 +233,19 @@ void q2_k_block(const float *x, uint8_t *out) {
 void q3_k_block(const float *x, uint8_t *out) {
     int8_t L[QK];
     float scales[16];
+    for (int half = 0; half < 2; ++half) {  // 8 lanes: one AVX2 register per vector
+        VF<8> xt[16];
+        VI<8> Lt[16];
+        transpose_in<8>(x + 128 * half, 16, xt);
+        const VF<8> scale_v = search_q3<8>(16, 4, xt, Lt);
+        for (int g = 0; g < 8; ++g) {
+            const int j = 8 * half + g;
+            scales[j] = scale_v[g];
+            for (int i = 0; i < 16; ++i) L[16 * j + i] = (int8_t)Lt[i][g];
+        }
+    }
     float max_scale = 0, amax = 0;
     for (int j = 0; j < 16; ++j) {
-        scales[j] = search_q3(16, 4, x + 16 * j, L + 16 * j);
         const float a = std::fabs(scales[j]);
         if (a > amax) { amax = a; max_scale = scales[j]; }
     }

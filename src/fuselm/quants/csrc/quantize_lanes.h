@@ -140,3 +140,49 @@ template <int N> VF<N> search_symmetric(int n, int nmax, const VF<N> *x, VI<N> *
     return zero ? VF<N>{} : scale;
 }
 
+// Q3_K's search (make_q3_quants with rmse): from the max scale, move single codes while the weighted fit improves,
+// up to 5 passes; a lane whose pass changes nothing stops, as the scalar loop breaks.
+template <int N> VF<N> search_q3(int n, int nmax, const VF<N> *x, VI<N> *L) {
+    VF<N> mx{}, amax{};
+    for (int i = 0; i < n; ++i) {
+        const VF<N> a = fabs_v<N>(x[i]);
+        const VI<N> bigger = a > amax;
+        amax = bigger ? a : amax;
+        mx = bigger ? x[i] : mx;
+    }
+    const VI<N> zero = amax < GROUP_MAX_EPS;
+    const VF<N> iscale = (float)-nmax / mx;
+    VF<N> sumlx{}, suml2{};
+    for (int i = 0; i < n; ++i) {
+        L[i] = clamp_v<N>(nearest_int_v<N>(iscale * x[i]), -nmax, nmax - 1);
+        const VF<N> w = x[i] * x[i], lf = to_f<N>(L[i]);
+        sumlx += w * x[i] * lf;
+        suml2 += w * lf * lf;
+    }
+    VI<N> active = ~zero;
+    for (int pass = 0; pass < 5; ++pass) {
+        VI<N> changed{};
+        for (int i = 0; i < n; ++i) {
+            const VF<N> w = x[i] * x[i], lf = to_f<N>(L[i]);
+            const VF<N> slx = sumlx - w * x[i] * lf;
+            const VF<N> sl2 = suml2 - w * lf * lf;
+            const VI<N> nl = clamp_v<N>(nearest_int_v<N>(x[i] * sl2 / slx), -nmax, nmax - 1);
+            const VF<N> nlf = to_f<N>(nl);
+            const VF<N> slx_new = slx + w * x[i] * nlf;
+            const VF<N> sl2_new = sl2 + w * nlf * nlf;
+            const VI<N> take = active & (slx > 0) & (nl != L[i]) & (sl2_new > 0) &
+                               (slx_new * slx_new * suml2 > sumlx * sumlx * sl2_new);
+            L[i] = take ? nl : L[i];
+            sumlx = take ? slx_new : sumlx;
+            suml2 = take ? sl2_new : suml2;
+            changed |= take;
+        }
+        active &= changed;
+        bool any = false;
+        for (int g = 0; g < N; ++g) any |= active[g] != 0;
+        if (!any) break;
+    }
+    for (int i = 0; i < n; ++i) L[i] = zero ? VI<N>{} : L[i] + nmax;
+    const VF<N> scale = suml2 > 0 ? sumlx / suml2 : VF<N>{};
+    return zero ? VF<N>{} : scale;
+}
