@@ -124,7 +124,7 @@ def test_interrupted_quantize_leaves_no_file(f32_gguf, monkeypatch):
 
 
 def test_bad_type_and_nan(f32_gguf, tmp_path):
-    with pytest.raises(FuselmError, match="unknown --type 'Q7_K'"):
+    with pytest.raises(FuselmError, match="unknown file type 'Q7_K'"):
         from fuselm.reshape import quantize_model
 
         quantize_model(f32_gguf / "hf", tmp_path / "x.gguf", "Q7_K")
