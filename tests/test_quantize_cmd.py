@@ -37,7 +37,8 @@ def _assert_same_file(ours, theirs) -> None:
     assert ours.read_bytes() == theirs.read_bytes()
 
 
-@pytest.mark.parametrize("ftype", ["Q8_0", "Q4_0", "Q4_K_M", "Q5_K_S", "Q3_K_M", "Q2_K", "Q6_K", "F16", "BF16"])
+@pytest.mark.parametrize("ftype", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M",
+                                   "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q2_K", "Q6_K", "IQ4_NL", "IQ4_XS", "F16", "BF16"])
 def test_quantized_file_equals_llama_cpp(f32_gguf, ftype):
     ours, theirs = f32_gguf / f"ours-{ftype}.gguf", f32_gguf / f"theirs-{ftype}.gguf"
     assert main(["quantize", str(f32_gguf / "f32.gguf"), str(ours), "--type", ftype.lower()]) == 0
