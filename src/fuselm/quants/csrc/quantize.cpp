@@ -36,20 +36,31 @@ inline void put_half(uint8_t *p, float v) { uint16_t h = to_half(v); std::memcpy
 inline float get_half(const uint8_t *p) { uint16_t h; std::memcpy(&h, p, 2); return from_half(h); }
 inline int clampi(int v, int lo, int hi) { return v < lo ? lo : v > hi ? hi : v; }
 
+#include "quantize_lanes.h"
+
 // ---------------------------------------------------------------- Q8_0
 
 void q8_0_block(const float *x, uint8_t *out) {
+    // max |x| in 8 lanes, then across them: max is exact in any order (the values are finite)
+    VF<8> v[4], a;
+    std::memcpy(v, x, sizeof v);
+    a = fabs_v<8>(v[0]);
+    for (int k = 1; k < 4; ++k) {
+        const VF<8> b = fabs_v<8>(v[k]);
+        a = b > a ? b : a;
+    }
     float amax = 0.f;
-    for (int j = 0; j < 32; ++j) amax = std::fmax(amax, std::fabs(x[j]));
+    for (int g = 0; g < 8; ++g) amax = std::fmax(amax, a[g]);
     const float d = amax / 127.f;
     const float id = d != 0.f ? 1.f / d : 0.f;
     put_half(out, d);
-    for (int j = 0; j < 32; ++j) out[2 + j] = (uint8_t)(int8_t)std::roundf(x[j] * id);
+    for (int k = 0; k < 4; ++k) {
+        const VF<8> y = v[k] * id;
+        for (int g = 0; g < 8; ++g) out[2 + 8 * k + g] = (uint8_t)(int8_t)std::roundf(y[g]);
+    }
 }
 
 // ---------------------------------------------------------------- searches (ksearch.py)
-
-#include "quantize_lanes.h"
 
 // ---------------------------------------------------------------- Q4_K / Q5_K
 
