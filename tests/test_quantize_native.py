@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from ggml_ref import ggml_quantize
 
+from fuselm.errors import FuselmError
 from fuselm.quants import quantize
 from fuselm.quants.native_quantize import native_quantize, native_types
 
@@ -45,3 +46,19 @@ def test_native_equals_numpy_codec(qtype, cols):
 
 def test_unknown_type_falls_back():
     assert native_quantize(np.zeros((1, 32), np.float32), "Q4_0") is None
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, 1e10, 1e11, 3e38])
+@pytest.mark.parametrize("qtype", TYPES)
+def test_bad_values_leave_it_to_the_codec(qtype, value):
+    """NaN/Inf, overflowing fp16 scales and values beyond 2^40: the native quantizer steps aside (None), so the
+    numpy codec decides: it raises the error naming the tensor, or writes the bytes."""
+    x = _rows(256, 1)
+    x[3, 7] = value
+    ours = native_quantize(x, qtype)
+    try:
+        spec = quantize(x, qtype).numpy()
+    except FuselmError:
+        assert ours is None
+    else:
+        assert ours is None or np.array_equal(ours, spec)

@@ -26,7 +26,8 @@ def native_types() -> frozenset[str]:
 
 
 def native_quantize(x: np.ndarray, type_name: str, threads: int | None = None) -> np.ndarray | None:
-    """float32 x [rows, cols] -> uint8 [rows, row_bytes] in ggml's layout, or None (no library or no such type).
+    """float32 x [rows, cols] -> uint8 [rows, row_bytes] in ggml's layout, or None (no library, no such type, NaN/Inf
+    in x, or an fp16 scale that overflows: the numpy codec then raises the error).
 
     Rows are split over `threads` Python threads (default torch.get_num_threads()); ctypes drops the GIL."""
     lib = quantize_library()

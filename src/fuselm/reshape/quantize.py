@@ -27,7 +27,6 @@ from ..formats.gguf_exact import KeyValue, TensorOut, write_exact
 from ..formats.gguf_vocab import tokenizer_to_gguf
 from ..formats.imatrix import read_imatrix
 from ..quants import CODECS, quantize, row_bytes
-from ..quants.codecs import _check_halves
 from ..quants.mixes import fallback_report, llama_order, mix_for, plan_types
 from ..quants.native_quantize import native_quantize
 from ..sources import read_source
@@ -64,7 +63,8 @@ def quantize_model(src: str | Path, out: str | Path, ftype: str, *, pure: bool =
     if out.suffix != ".gguf":
         raise FuselmError(f"{out}: output must be a .gguf file")
     weights, imatrix_keys = _load_imatrix(imatrix)
-    source = read_source(src)
+    # A GGUF's tensors are read from the file below (each checked as it is quantized); skip the whole-model scan.
+    source = read_source(src, check=Path(src).suffix != ".gguf")
     config = source.config
     gf = gguf_format.read_gguf(source.path) if source.kind == "gguf" else None
     tensors = _file_tensors(gf) if gf is not None else _state_tensors(config, source.state)
@@ -157,13 +157,10 @@ def _producer(src: _SourceTensor, type_: str, name: str, weights: np.ndarray | N
 
 
 def _quantize_fast(x: np.ndarray, type_: str, name: str) -> np.ndarray:
-    """The native quantizer where it has the type (byte-equal to the codec), else the numpy codec."""
-    if np.isfinite(x).all():
-        out = native_quantize(x, type_)
-        if out is not None:
-            _check_halves(out, type_, name, x)  # the codec's own overflow check, same message
-            return out
-    return quantize(x, type_, name=name).numpy()  # also the one clear error for NaN/Inf
+    """The native quantizer where it has the type (byte-equal to the codec), else the numpy codec, which also
+    raises the one clear error for NaN/Inf input or an overflowing scale (native_quantize then returns None)."""
+    out = native_quantize(x, type_)
+    return out if out is not None else quantize(x, type_, name=name).numpy()
 
 
 def _weights_for(choice, shape: tuple[int, ...], weights: Mapping[str, np.ndarray]) -> np.ndarray | None:

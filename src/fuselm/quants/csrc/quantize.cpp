@@ -6,8 +6,9 @@
 // a time, no contraction into FMA (built with -ffp-contract=off, no -ffast-math), nearest_int as round half to
 // even (the 12582912 trick), roundf for Q8_0, fp16 stores rounded to nearest even (F16C).
 //
-// ABI: fqz_quantize(type, x, out, nrows, ncols) quantizes float32 rows into ggml blocks and returns 0, or -1 for
-// a type this file does not have. It runs on the calling thread: callers split rows over threads, as
+// ABI: fqz_quantize(type, x, out, nrows, ncols) quantizes float32 rows into ggml blocks and returns 0; -1 for a
+// type this file does not have, -2 for NaN/Inf input (or |x| >= 2^40), -3 when an fp16 scale overflows to inf (the caller then runs
+// the numpy codec, which raises the error that names the tensor). It runs on the calling thread: callers split rows over threads, as
 // llama-quantize does (no OpenMP pool spinning against other work on a busy machine).
 
 #include <immintrin.h>
@@ -317,7 +318,8 @@ const IndexTable INDEX;
 
 inline int best_index(float v) {
     float t = 2 * v;  // exact
-    t = t < SLOT_LO ? SLOT_LO : t > SLOT_HI ? SLOT_HI : t;
+    t = t > SLOT_HI ? SLOT_HI : t;
+    t = t >= SLOT_LO ? t : SLOT_LO;  // NaN too (only in groups whose result is discarded), as the codec does
     return INDEX.idx[(int)std::floor(t) - SLOT_LO];
 }
 
@@ -398,20 +400,39 @@ void iq4_xs_block(const float *x, uint8_t *out) {
 struct Kind {
     int block, bytes;
     void (*run)(const float *, uint8_t *);
+    int half0, half1;  // byte offsets of the block's fp16 fields (-1: none)
 };
 
 bool kind_of(int type, Kind *k) {
     switch (type) {
-        case Q8_0: *k = {32, 34, q8_0_block}; return true;
-        case Q2_K: *k = {QK, 84, q2_k_block}; return true;
-        case Q3_K: *k = {QK, 110, q3_k_block}; return true;
-        case Q4_K: *k = {QK, 144, q4_k_block}; return true;
-        case Q5_K: *k = {QK, 176, q5_k_block}; return true;
-        case Q6_K: *k = {QK, 210, q6_k_block}; return true;
-        case IQ4_NL: *k = {32, 18, iq4_nl_block}; return true;
-        case IQ4_XS: *k = {QK, 136, iq4_xs_block}; return true;
+        case Q8_0: *k = {32, 34, q8_0_block, 0, -1}; return true;
+        case Q2_K: *k = {QK, 84, q2_k_block, 80, 82}; return true;
+        case Q3_K: *k = {QK, 110, q3_k_block, 108, -1}; return true;
+        case Q4_K: *k = {QK, 144, q4_k_block, 0, 2}; return true;
+        case Q5_K: *k = {QK, 176, q5_k_block, 0, 2}; return true;
+        case Q6_K: *k = {QK, 210, q6_k_block, 208, -1}; return true;
+        case IQ4_NL: *k = {32, 18, iq4_nl_block, 0, -1}; return true;
+        case IQ4_XS: *k = {QK, 136, iq4_xs_block, 0, -1}; return true;
         default: return false;
     }
+}
+
+// NaN/Inf, and |x| >= 2^40 (where the searches' x^3 terms overflow and C and numpy part ways), go to the codec.
+inline bool in_range(const float *x, int n) {
+    uint32_t bad = 0;
+    for (int i = 0; i < n; ++i) {
+        uint32_t u;
+        std::memcpy(&u, x + i, 4);
+        bad |= (u & 0x7f800000u) >= ((127u + 40u) << 23);
+    }
+    return bad == 0;
+}
+
+inline bool half_inf(const uint8_t *block, int offset) {
+    if (offset < 0) return false;
+    uint16_t h;
+    std::memcpy(&h, block + offset, 2);
+    return (h & 0x7c00) == 0x7c00;
 }
 
 }  // namespace
@@ -429,7 +450,13 @@ int fqz_quantize(int type, const float *x, uint8_t *out, int64_t nrows, int64_t 
     Kind k;
     if (!kind_of(type, &k) || ncols % k.block != 0) return -1;
     const int64_t per_row = ncols / k.block, n = nrows * per_row;
-    for (int64_t b = 0; b < n; ++b) k.run(x + b * k.block, out + b * k.bytes);
+    for (int64_t b = 0; b < n; ++b) {
+        const float *xb = x + b * k.block;
+        uint8_t *ob = out + b * k.bytes;
+        if (!in_range(xb, k.block)) return -2;
+        k.run(xb, ob);
+        if (half_inf(ob, k.half0) || half_inf(ob, k.half1)) return -3;
+    }
     return 0;
 }
 
