@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from ggml_ref import ggml_quantize
 
 from fuselm.errors import FuselmError
@@ -62,3 +63,11 @@ def test_bad_values_leave_it_to_the_codec(qtype, value):
         assert ours is None
     else:
         assert ours is None or np.array_equal(ours, spec)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("qtype", TYPES)
+def test_half_inputs_are_widened_exactly(qtype, dtype):
+    x = torch.from_numpy(_rows(512, 3)).to(dtype)
+    ours = native_quantize(x, qtype)
+    assert ours is not None and np.array_equal(ours, quantize(x.float(), qtype).numpy())

@@ -139,7 +139,7 @@ def native_unavailable_reason() -> str | None:
 QUANTIZE_SOURCE = Path(__file__).parent / "csrc" / "quantize.cpp"
 # -ffp-contract=off: no FMA contraction, so every float step rounds as ggml's reference C does
 QUANTIZE_FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=c++17", "-ffp-contract=off"]
-QUANTIZE_ABI = 1
+QUANTIZE_ABI = 2
 
 
 @functools.cache
@@ -172,7 +172,8 @@ def quantize_library() -> ctypes.CDLL | None:
     lib.fqz_version.restype, lib.fqz_version.argtypes = ctypes.c_int, []
     lib.fqz_has.restype, lib.fqz_has.argtypes = ctypes.c_int, [ctypes.c_int]
     lib.fqz_quantize.restype = ctypes.c_int
-    lib.fqz_quantize.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
+    lib.fqz_quantize.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64,
+                                 ctypes.c_int64]
     return lib if lib.fqz_version() == QUANTIZE_ABI else None
 
 if __name__ == "__main__":

@@ -145,7 +145,7 @@ def _producer(src: _SourceTensor, type_: str, name: str, weights: np.ndarray | N
     def produce() -> np.ndarray:
         x = src.values().detach().reshape(-1, cols)
         if weights is None:
-            return _quantize_fast(x.float().contiguous().numpy(), type_, name)
+            return _quantize_fast(x, type_, name)
         # One importance vector per matrix: experts of a 3-D tensor each get their own slice.
         mats = weights.reshape(-1, cols)
         rows = x.shape[0] // mats.shape[0]
@@ -156,11 +156,11 @@ def _producer(src: _SourceTensor, type_: str, name: str, weights: np.ndarray | N
     return produce
 
 
-def _quantize_fast(x: np.ndarray, type_: str, name: str) -> np.ndarray:
+def _quantize_fast(x: torch.Tensor, type_: str, name: str) -> np.ndarray:
     """The native quantizer where it has the type (byte-equal to the codec), else the numpy codec, which also
     raises the one clear error for NaN/Inf input or an overflowing scale (native_quantize then returns None)."""
-    out = native_quantize(x, type_)
-    return out if out is not None else quantize(x, type_, name=name).numpy()
+    out = native_quantize(x, type_)  # reads fp16/bf16 rows as they are
+    return out if out is not None else quantize(x.float(), type_, name=name).numpy()
 
 
 def _weights_for(choice, shape: tuple[int, ...], weights: Mapping[str, np.ndarray]) -> np.ndarray | None:

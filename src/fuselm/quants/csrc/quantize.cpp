@@ -6,7 +6,8 @@
 // a time, no contraction into FMA (built with -ffp-contract=off, no -ffast-math), nearest_int as round half to
 // even (the 12582912 trick), roundf for Q8_0, fp16 stores rounded to nearest even (F16C).
 //
-// ABI: fqz_quantize(type, x, out, nrows, ncols) quantizes float32 rows into ggml blocks and returns 0; -1 for a
+// ABI: fqz_quantize(type, x, x_type, out, nrows, ncols) quantizes rows of float32 (x_type 0), fp16 (1) or bf16
+// (30, ggml's ids) into ggml blocks, widening each block to float32 on the way (exact), and returns 0; -1 for a
 // type this file does not have, -2 for NaN/Inf input (or |x| >= 2^40), -3 when an fp16 scale overflows to inf (the caller then runs
 // the numpy codec, which raises the error that names the tensor). It runs on the calling thread: callers split rows over threads, as
 // llama-quantize does (no OpenMP pool spinning against other work on a busy machine).
@@ -439,19 +440,33 @@ inline bool half_inf(const uint8_t *block, int offset) {
 
 extern "C" {
 
-int fqz_version() { return 1; }
+int fqz_version() { return 2; }
 
 int fqz_has(int type) {
     Kind k;
     return kind_of(type, &k) ? 1 : 0;
 }
 
-int fqz_quantize(int type, const float *x, uint8_t *out, int64_t nrows, int64_t ncols) {
+int fqz_quantize(int type, const void *x, int x_type, uint8_t *out, int64_t nrows, int64_t ncols) {
     Kind k;
-    if (!kind_of(type, &k) || ncols % k.block != 0) return -1;
+    if (!kind_of(type, &k) || ncols % k.block != 0 || (x_type != 0 && x_type != 1 && x_type != 30)) return -1;
     const int64_t per_row = ncols / k.block, n = nrows * per_row;
+    float buf[QK];
     for (int64_t b = 0; b < n; ++b) {
-        const float *xb = x + b * k.block;
+        const float *xb = buf;
+        if (x_type == 0) {
+            xb = (const float *)x + b * k.block;
+        } else if (x_type == 1) {
+            const uint16_t *h = (const uint16_t *)x + b * k.block;
+            for (int i = 0; i < k.block; i += 8)
+                _mm256_storeu_ps(buf + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
+        } else {
+            const uint16_t *h = (const uint16_t *)x + b * k.block;
+            for (int i = 0; i < k.block; ++i) {
+                const uint32_t u = (uint32_t)h[i] << 16;
+                std::memcpy(buf + i, &u, 4);
+            }
+        }
         uint8_t *ob = out + b * k.bytes;
         if (!in_range(xb, k.block)) return -2;
         k.run(xb, ob);
