@@ -13,7 +13,7 @@ from fuselm.errors import FuselmError
 from fuselm.quants import quantize
 from fuselm.quants.native_quantize import native_quantize, native_types
 
-TYPES = ["Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"]
+TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"]
 
 
 def _rows(cols: int, seed: int) -> np.ndarray:
@@ -46,7 +46,7 @@ def test_native_equals_numpy_codec(qtype, cols):
 
 
 def test_unknown_type_falls_back():
-    assert native_quantize(np.zeros((1, 32), np.float32), "Q4_0") is None
+    assert native_quantize(np.zeros((1, 32), np.float32), "F16") is None
 
 
 @pytest.mark.parametrize("value", [np.nan, np.inf, 1e10, 1e11, 3e38])

@@ -1,6 +1,6 @@
-// fuselm's native quantizers: ggml's searches without an importance matrix for Q8_0, the K-quants and IQ4, written
-// from the numpy codecs in fuselm/quants (legacy.py, kquants.py, ksearch.py, iq4nl.py), which stay the specification and
-// are tested byte-equal to this file.
+// fuselm's native quantizers: ggml's quantizers without an importance matrix for the legacy types, the K-quants
+// and IQ4, written from the numpy codecs in fuselm/quants (legacy.py, kquants.py, ksearch.py, iq4nl.py), which
+// stay the specification and are tested byte-equal to these files (quantize_lanes.h, quantize_legacy.h).
 //
 // Exactness needs C float semantics step by step: every operation in float, left to right, sums one element at
 // a time, no contraction into FMA (built with -ffp-contract=off, no -ffast-math), nearest_int as round half to
@@ -23,7 +23,7 @@ namespace {
 constexpr int QK = 256;
 constexpr float GROUP_MAX_EPS = 1e-15f;
 
-enum GgmlType { Q8_0 = 8, Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13, Q6_K = 14, IQ4_NL = 20, IQ4_XS = 23 };
+enum GgmlType { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13, Q6_K = 14, IQ4_NL = 20, IQ4_XS = 23 };
 
 inline int nearest_int(float v) {
     float t = v + 12582912.f;
@@ -40,27 +40,7 @@ inline int clampi(int v, int lo, int hi) { return v < lo ? lo : v > hi ? hi : v;
 
 #include "quantize_lanes.h"
 
-// ---------------------------------------------------------------- Q8_0
-
-void q8_0_block(const float *x, uint8_t *out) {
-    // max |x| in 8 lanes, then across them: max is exact in any order (the values are finite)
-    VF<8> v[4], a;
-    std::memcpy(v, x, sizeof v);
-    a = fabs_v<8>(v[0]);
-    for (int k = 1; k < 4; ++k) {
-        const VF<8> b = fabs_v<8>(v[k]);
-        a = b > a ? b : a;
-    }
-    float amax = 0.f;
-    for (int g = 0; g < 8; ++g) amax = std::fmax(amax, a[g]);
-    const float d = amax / 127.f;
-    const float id = d != 0.f ? 1.f / d : 0.f;
-    put_half(out, d);
-    for (int k = 0; k < 4; ++k) {
-        const VF<8> y = v[k] * id;
-        for (int g = 0; g < 8; ++g) out[2 + 8 * k + g] = (uint8_t)(int8_t)std::roundf(y[g]);
-    }
-}
+#include "quantize_legacy.h"
 
 // ---------------------------------------------------------------- searches (ksearch.py)
 
@@ -406,6 +386,10 @@ struct Kind {
 
 bool kind_of(int type, Kind *k) {
     switch (type) {
+        case Q4_0: *k = {32, 18, q4_0_block, 0, -1}; return true;
+        case Q4_1: *k = {32, 20, q4_1_block, 0, 2}; return true;
+        case Q5_0: *k = {32, 22, q5_0_block, 0, -1}; return true;
+        case Q5_1: *k = {32, 24, q5_1_block, 0, 2}; return true;
         case Q8_0: *k = {32, 34, q8_0_block, 0, -1}; return true;
         case Q2_K: *k = {QK, 84, q2_k_block, 80, 82}; return true;
         case Q3_K: *k = {QK, 110, q3_k_block, 108, -1}; return true;
