@@ -1,21 +1,26 @@
 """fuselm vs llama.cpp quantizing the same TinyLlama-1.1B-shape F16 GGUF, side by side in one run.
 
-    python benchmarks/quantize.py [--types Q4_K_M,Q8_0,Q4_0] [--layers 22] [--threads 2]
+    python benchmarks/quantize.py [--types Q4_K_M,Q8_0] [--layers 22] [--threads 2]
 
-Random weights (dim 2048, 22 layers, 32/4 heads, ffn 5632, vocab 32000). Prints each tool's wall time, the
-fuselm/llama.cpp time ratio, and whether the two output files hold identical tensor bytes.
+Random weights (dim 2048, 22 layers, 32/4 heads, ffn 5632, vocab 32000). Every llama-quantize file type by
+default. Prints each tool's wall time (llama.cpp: llama_model_quantize), the fuselm/llama.cpp time ratio, and
+whether the two output files are identical byte for byte; exits non-zero when any pair differs. File types that
+need an importance matrix get the same generated one on both sides; a type fuselm cannot write yet is listed
+with the reason.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
 def make_f16_gguf(path: Path, layers: int) -> None:
@@ -45,58 +50,86 @@ def make_f16_gguf(path: Path, layers: int) -> None:
     write_gguf(path, config, tensors, progress=True)
 
 
-def llama_cpp_quantize(src: Path, dst: Path, ftype: str, threads: int) -> float:
-    import llama_cpp
+IMATRIX_TYPES = {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "Q2_K_S"}
 
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.nthread = threads
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+
+def make_imatrix(src: Path, path: Path) -> dict[str, np.ndarray]:
+    """A random importance matrix for every blk.* matrix; the vectors llama-quantize derives from it."""
+    from fuselm.formats.gguf import read_gguf
+    from fuselm.formats.imatrix import ImatrixEntry, read_imatrix, write_imatrix
+
+    rng = np.random.default_rng(1)
+    entries = {n: ImatrixEntry(rng.random((1, t.shape[-1]), np.float32) * 512, np.array([512], np.int64))
+               for n, t in read_gguf(src).tensors.items() if n.startswith("blk.") and len(t.shape) == 2}
+    write_imatrix(path, entries, datasets=("random",), chunk_count=1, chunk_size=512)
+    return read_imatrix(path).importance()
+
+
+def llama_cpp_quantize(src: Path, dst: Path, ftype: str, threads: int, imatrix: dict | None) -> float:
+    from llama_quantize_ref import llama_quantize
+
     t0 = time.perf_counter()
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    if rc:
-        raise RuntimeError(f"llama.cpp quantize failed with {rc}")
+    llama_quantize(src, dst, ftype, nthread=threads, imatrix=imatrix)
     return time.perf_counter() - t0
 
 
-def fuselm_quantize(src: Path, dst: Path, ftype: str, threads: int) -> float:
+def fuselm_quantize(src: Path, dst: Path, ftype: str, threads: int, imatrix: Path | None) -> float:
     from fuselm.reshape import quantize_model
     from fuselm.threads import set_threads
 
     set_threads(threads)
     t0 = time.perf_counter()
-    quantize_model(src, dst, ftype, progress=False)
+    quantize_model(src, dst, ftype, progress=False, imatrix=imatrix)
     return time.perf_counter() - t0
 
 
-def same_bytes(a: Path, b: Path) -> bool:
+def same_tensors(a: Path, b: Path) -> bool:
     from fuselm.formats.gguf import read_gguf
 
     ta, tb = read_gguf(a).tensors, read_gguf(b).tensors
-    return sorted(ta) == sorted(tb) and all(
+    return list(ta) == list(tb) and all(
         ta[n].type_name == tb[n].type_name and np.array_equal(ta[n].data.view(np.uint8), tb[n].data.view(np.uint8))
         for n in ta)
 
 
 def main() -> None:
+    from fuselm.errors import FuselmError
+    from fuselm.quants.mixes import FTYPES
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--types", default="Q4_K_M,Q8_0,Q4_0")
+    parser.add_argument("--types", default=",".join(f for f in FTYPES if f not in ("F32", "F16", "BF16")))
     parser.add_argument("--layers", type=int, default=22)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workdir", default=None, help="where to put the GGUF files (default: a temp dir)")
     args = parser.parse_args()
+    differ = []
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         src = Path(tmp) / "tinyllama-f16.gguf"
         make_f16_gguf(src, args.layers)
-        print(f"source: {src.stat().st_size / 2**30:.2f} GiB F16, {args.threads} threads")
-        print(f"{'type':<8} {'llama.cpp s':>12} {'fuselm s':>10} {'ratio':>7}  identical bytes")
+        imatrix_path = Path(tmp) / "imatrix.gguf"
+        vectors = make_imatrix(src, imatrix_path)
+        print(f"source: {src.stat().st_size / 2**30:.2f} GiB F16, {args.layers} layers, {args.threads} threads")
+        print(f"{'type':<10} {'llama.cpp s':>12} {'fuselm s':>10} {'ratio':>7}  bytes")
         for ftype in args.types.split(","):
             theirs, ours = Path(tmp) / f"theirs-{ftype}.gguf", Path(tmp) / f"ours-{ftype}.gguf"
-            t_ref = llama_cpp_quantize(src, theirs, ftype, args.threads)
-            t_ours = fuselm_quantize(src, ours, ftype, args.threads)
-            print(f"{ftype:<8} {t_ref:>12.1f} {t_ours:>10.1f} {t_ours / t_ref:>6.2f}x  {same_bytes(ours, theirs)}",
-                  flush=True)
+            needs = ftype in IMATRIX_TYPES
+            t_ref = llama_cpp_quantize(src, theirs, ftype, args.threads, vectors if needs else None)
+            try:
+                t_ours = fuselm_quantize(src, ours, ftype, args.threads, imatrix_path if needs else None)
+            except (FuselmError, KeyError, TypeError) as err:
+                print(f"{ftype:<10} {t_ref:>12.1f} {'n/a':>10} {'':>7}  fuselm cannot write it yet: {err}", flush=True)
+                theirs.unlink()
+                continue
+            # whole files differ by the quantize.imatrix.* keys llama-quantize's CLI adds; compare tensors then
+            same = same_tensors(ours, theirs) if needs else ours.read_bytes() == theirs.read_bytes()
+            if not same:
+                differ.append(ftype)
+            label = ("identical tensors" if needs else "identical file") if same else "DIFFER"
+            print(f"{ftype:<10} {t_ref:>12.1f} {t_ours:>10.1f} {t_ours / t_ref:>6.2f}x  {label}", flush=True)
             theirs.unlink()
             ours.unlink()
+    if differ:
+        sys.exit(f"bytes differ for {', '.join(differ)}")
 
 
 if __name__ == "__main__":

@@ -7,19 +7,16 @@ with `plan_types`; llama.cpp's fallback warnings, captured from its log, are com
 
 from __future__ import annotations
 
-import ctypes
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import gguf
-import llama_cpp  # the reference: a missing build must fail, not skip
-import llama_cpp._logger
 import numpy as np
 import pytest
+from llama_quantize_ref import dry_run_types, fallback_lines, llama_ftype, llama_quantize
 
 from fuselm.errors import FuselmError
-from fuselm.quants.mixes import FTYPES, fallback, fallback_report, plan_types, use_more_bits
+from fuselm.quants.mixes import FTYPES, fallback, fallback_report, mix_for, plan_types, use_more_bits
 
 
 @dataclass(frozen=True)
@@ -122,13 +119,31 @@ MODELS = {
     # 8 experts: attn_v/attn_k -> Q8_0, attn_output -> Q5_K, ffn_down layer from the name
     "llama-8x": hparams_only("llama", 8, 32, 8, n_expert=8),
 }
-ALL_FTYPES = list(FTYPES)  # the 16 llama-quantize file types of the issue, plus F32
+# The 16 file types whose mixes were checked against written files first (plus F32); every other file type of
+# llama-quantize is checked by dry runs below, with and without an importance matrix.
+ALL_FTYPES = ["F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L",
+              "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K"]
 CASES = [(m, f, "") for m in ("llama", "chameleon", "falcon-7b", "falcon-40b") for f in ALL_FTYPES]
 # --pure skips the mix but not the fallback; --leave-output-tensor keeps output.weight F32
 VARIANTS = (("Q4_K_M", "pure"), ("Q3_K_M", "pure"), ("Q4_K_M", "leave"))
 CASES += [(m, f, v) for m in ("llama", "falcon-7b") for f, v in VARIANTS]
 CASES += [(m, f, "") for m in ("llama-70b", "llama-8x") for f in ("Q2_K", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M")]
 CASES += [("llama-8x", "Q8_0", ""), ("llama-8x", "Q4_K_M", "pure")]
+
+# Dry runs: every file type, each with and without an imatrix (several choices depend on it), on every model.
+DRY_FTYPES = [f for f in FTYPES if f not in ALL_FTYPES] + ["Q4_0", "Q5_0", "Q4_K_M"]
+DRY_CASES = [(m, f, imat) for m in MODELS for f in DRY_FTYPES for imat in ("", "imatrix")]
+# llama-quantize's overrides: (file type, options)
+OVERRIDES = {
+    "output-q8": ("Q4_K_M", {"output_tensor_type": "q8_0"}),
+    "embd-q4k": ("Q4_K_M", {"token_embedding_type": "Q4_K"}),
+    "embd-out-f16-file": ("F16", {"token_embedding_type": "Q8_0", "output_tensor_type": "Q6_K"}),
+    "tensor-types": ("Q4_K_M", {"tensor_types": [("attn_v", "Q8_0"), (r"blk\.[0-3]\.ffn_down", "Q5_K"),
+                                                 ("ffn", "Q3_K")]}),
+    "tensor-types-pure": ("Q3_K_M", {"tensor_types": [("attn_q", "IQ4_NL")], "pure": True}),
+    "output-iq-mix": ("IQ2_M", {"output_tensor_type": "Q4_K", "tensor_types": [("attn_k", "Q8_0")]}),
+}
+OVERRIDE_CASES = [(m, o) for m in ("llama", "chameleon", "falcon-7b") for o in OVERRIDES]
 
 
 def _write_gguf(model: Tiny, path: Path) -> None:
@@ -169,47 +184,11 @@ def source(tmp_path_factory):
     return get
 
 
-_LOG: list[str] = []
-
-
-@llama_cpp.llama_log_callback
-def _capture(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-    _LOG.append(text.decode("utf-8", "replace"))
-
-
-def _llama_ftype(ftype: str) -> int:
-    return llama_cpp.LLAMA_FTYPE_ALL_F32 if ftype == "F32" else getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
-
-
-def _llama_quantize(src: Path, dst: Path, ftype: str, *, pure: bool, leave: bool) -> str:
-    """Quantize with llama.cpp; return its log."""
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.nthread = 2
-    params.ftype = _llama_ftype(ftype)
-    params.pure = pure
-    params.quantize_output_tensor = not leave
-    _LOG.clear()
-    llama_cpp.llama_log_set(_capture, ctypes.c_void_p(0))
-    try:
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    finally:
-        llama_cpp.llama_log_set(llama_cpp._logger.llama_log_callback, ctypes.c_void_p(0))
-    log = "".join(_LOG)
-    assert rc == 0, f"llama_model_quantize failed:\n{log[-2000:]}"
-    return log
-
-
-def _llama_fallback_lines(log: str) -> list[str]:
-    lines = [ln for ln in log.splitlines() if ln.startswith("warning: ") and " ncols " in ln]
-    lines += [ln[ln.index("WARNING: ") :] for ln in log.splitlines() if re.search(r"WARNING: \d+ of \d+ tensor", ln)]
-    return lines
-
-
 @pytest.mark.parametrize("model,ftype,variant", CASES, ids=["-".join(filter(None, c)) for c in CASES])
 def test_types_match_llama_cpp(source, tmp_path, model, ftype, variant):
     m = MODELS[model]
     src, dst = source(model), tmp_path / "out.gguf"
-    log = _llama_quantize(src, dst, ftype, pure=variant == "pure", leave=variant == "leave")
+    log = llama_quantize(src, dst, ftype, pure=variant == "pure", leave_output=variant == "leave")
 
     reader = gguf.GGUFReader(str(dst))
     theirs = {t.name: t.tensor_type.name for t in reader.tensors}
@@ -223,9 +202,53 @@ def test_types_match_llama_cpp(source, tmp_path, model, ftype, variant):
     assert list(ours) == [name for name, _ in m.tensors()]
     diff = {n: (ours[n], theirs.get(n)) for n in ours if ours[n] != theirs.get(n)}
     assert not diff, f"(ours, llama.cpp) differ for {len(diff)}/{len(ours)} tensors: {diff}"
-    assert file_type == FTYPES[ftype].file_type == _llama_ftype(ftype)
+    assert file_type == FTYPES[ftype].file_type == llama_ftype(ftype)
     report = fallback_report(choices)
-    assert report.splitlines() == _llama_fallback_lines(log)
+    assert report.splitlines() == fallback_lines(log)
+
+
+def _plan(m: Tiny, ftype: str, **options):
+    return plan_types(m.tensors(), ftype, arch=m.arch, n_layers=m.n_layers, n_head=m.n_head, n_head_kv=m.n_head_kv,
+                      n_expert=m.n_expert, **options)
+
+
+def _compare_dry_run(source, tmp_path, model: str, ftype: str, *, has_imatrix: bool = False, **options) -> None:
+    m = MODELS[model]
+    # An imatrix entry that names no tensor: llama.cpp only needs to know that one is given.
+    imatrix = {"unused.weight": np.ones(4, np.float32)} if has_imatrix else None
+    log = llama_quantize(source(model), tmp_path / "dry.gguf", ftype, dry_run=True, imatrix=imatrix, **options)
+    theirs = dry_run_types(log)
+    choices = _plan(m, ftype, has_imatrix=has_imatrix, leave_output_tensor=options.pop("leave_output", False),
+                    **options)
+    ours = {c.name: c.type for c in choices}
+    assert sorted(theirs) == sorted(ours), "the log parser missed tensors"
+    diff = {n: (ours[n], theirs[n]) for n in ours if ours[n] != theirs[n]}
+    assert not diff, f"(ours, llama.cpp) differ for {len(diff)}/{len(ours)} tensors: {diff}"
+    assert fallback_report(choices).splitlines() == fallback_lines(log)
+
+
+@pytest.mark.parametrize("model,ftype,imatrix", DRY_CASES, ids=["-".join(filter(None, c)) for c in DRY_CASES])
+def test_every_file_type_matches_llama_cpp_dry_run(source, tmp_path, model, ftype, imatrix):
+    _compare_dry_run(source, tmp_path, model, ftype, has_imatrix=imatrix == "imatrix")
+
+
+@pytest.mark.parametrize("model,override", OVERRIDE_CASES, ids=["-".join(c) for c in OVERRIDE_CASES])
+def test_overrides_match_llama_cpp(source, tmp_path, model, override):
+    ftype, options = OVERRIDES[override]
+    _compare_dry_run(source, tmp_path, model, ftype, **options)
+
+
+def test_requires_imatrix_and_names():
+    m = MODELS["llama"]
+    needs = {c.name for c in _plan(m, "IQ2_XXS") if c.requires_imatrix}
+    # llama.cpp's tensor_requires_imatrix: every IQ2_XXS/Q2_K... matrix but token_embd and output
+    assert "blk.3.attn_q.weight" in needs and "token_embd.weight" not in needs and "output.weight" not in needs
+    assert not any(c.requires_imatrix for c in _plan(m, "IQ4_XS"))
+    assert mix_for("q4_k_m") is FTYPES["Q4_K_M"] and mix_for("Q4_K") is FTYPES["Q4_K_M"]
+    with pytest.raises(FuselmError, match="unknown GGML type"):
+        _plan(m, "Q4_K_M", output_tensor_type="Q9_9")
+    with pytest.raises(FuselmError, match="bad regular expression"):
+        _plan(m, "Q4_K_M", tensor_types=[("attn_(", "Q8_0")])
 
 
 def test_cases_exercise_the_rules():

@@ -1,5 +1,6 @@
 """Subcommands that live next to their library code. Each module has register(subparsers)."""
 
-from . import bench, evals, quantize, serve, transforms
+from . import bench, evals, imatrix, quantize, serve, transforms
 
-REGISTRY: list = [quantize.register, transforms.register, bench.register, evals.register, serve.register]
+REGISTRY: list = [quantize.register, imatrix.register, transforms.register, bench.register, evals.register,
+                  serve.register]

@@ -121,7 +121,7 @@ def plan_tensor(name: str, value) -> TensorPlan:
     return TensorPlan(name=name, qtype=qtype, shape=shape, nbytes=nbytes, produce=produce)
 
 
-def _value_type(key: str, value) -> tuple[GGUFValueType, GGUFValueType | None, Any] | None:
+def typed_value(key: str, value) -> tuple[GGUFValueType, GGUFValueType | None, Any] | None:
     """(type, array item type, value as the writer wants it) for a metadata value; None skips it (empty array)."""
     if isinstance(value, (bool, np.bool_)):
         return GGUFValueType.BOOL, None, bool(value)
@@ -178,7 +178,7 @@ def write_file(path: Path, arch: str, metadata: Mapping[str, Any], plans: list[T
         for key, value in metadata.items():
             if key == gguf.Keys.General.ARCHITECTURE:
                 continue  # GGUFWriter writes it first
-            typed = _value_type(key, value)
+            typed = typed_value(key, value)
             if typed is not None:
                 writer.add_key_value(key, typed[2], typed[0], sub_type=typed[1])
         for plan in plans:

@@ -133,5 +133,48 @@ def native_unavailable_reason() -> str | None:
     return _reason
 
 
+
+# ---------------------------------------------------------------- the quantizers' library (csrc/quantize*.cpp/.h)
+
+QUANTIZE_SOURCE = Path(__file__).parent / "csrc" / "quantize.cpp"
+# -ffp-contract=off: no FMA contraction, so every float step rounds as ggml's reference C does
+QUANTIZE_FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=c++17", "-ffp-contract=off"]
+QUANTIZE_ABI = 2
+
+
+@functools.cache
+def quantize_library() -> ctypes.CDLL | None:
+    """The native quantizers (built and cached like the kernels), or None where they cannot be built here
+    (`FUSELM_KERNELS=torch` also turns them off); callers then use the numpy codecs, which are the spec."""
+    if os.environ.get("FUSELM_KERNELS", "").lower() == "torch" or platform.machine().lower() not in ("x86_64",
+                                                                                                    "amd64"):
+        return None
+    cxx = _compiler()
+    if cxx is None:
+        return None
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    sources = b"".join(p.read_bytes() for p in sorted(QUANTIZE_SOURCE.parent.glob("quantize*")))
+    key = hashlib.sha256(sources + version.encode() + " ".join(QUANTIZE_FLAGS).encode()
+                         + _cpu_key().encode()).hexdigest()[:16]
+    out = cache_dir() / f"libfuselm_quantize-{key}.so"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        os.close(fd)
+        proc = subprocess.run([cxx, *QUANTIZE_FLAGS, str(QUANTIZE_SOURCE), "-o", tmp], capture_output=True, text=True)
+        if proc.returncode != 0:
+            os.unlink(tmp)
+            warnings.warn(f"fuselm: native quantizers unavailable, using the numpy codecs: {proc.stderr[-500:]}",
+                          stacklevel=2)
+            return None
+        os.replace(tmp, out)
+    lib = ctypes.CDLL(str(out))
+    lib.fqz_version.restype, lib.fqz_version.argtypes = ctypes.c_int, []
+    lib.fqz_has.restype, lib.fqz_has.argtypes = ctypes.c_int, [ctypes.c_int]
+    lib.fqz_quantize.restype = ctypes.c_int
+    lib.fqz_quantize.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64,
+                                 ctypes.c_int64]
+    return lib if lib.fqz_version() == QUANTIZE_ABI else None
+
 if __name__ == "__main__":
     print(build(verbose=True))
