@@ -38,8 +38,9 @@ def load_pickle(path: str | os.PathLike) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mappable)
     except pickle.UnpicklingError as err:
-        raise FuselmError(f"{path}: refusing to load: not a plain-tensor checkpoint (torch.load weights_only=True "
-                          f"failed: {_unpickler_reason(err)}); fuselm never executes code from checkpoints") from None
+        raise FuselmError(f"{path}: refusing to load: not a plain-tensor (weights-only) checkpoint (torch.load "
+                          f"weights_only=True failed: {_unpickler_reason(err)}); fuselm never executes code from "
+                          "checkpoints") from None
     except MemoryError:
         raise FuselmError(f"{path}: corrupt PyTorch checkpoint (it asks for more memory than there is)") from None
     except Exception as err:  # torch raises a dozen types for malformed files; none of them is the caller's bug

@@ -81,12 +81,13 @@ class Decoder:
     def length(self, row: int) -> int:
         return int(self.cache.lengths[row])
 
-    def feed(self, rows: Sequence[int]) -> dict[int, torch.Tensor]:
+    def feed(self, rows: Sequence[int], *, chunk: int | None = None) -> dict[int, torch.Tensor]:
         """Feed each row's pending tokens; the logits [V] after each row's last token.
 
-        Rows with several tokens are prefilled alone (in chunks of prefill_chunk); the rows left with one token
-        then run as one batched forward, each row attending over exactly its own keys. A single-row cache takes
-        every pending token in one forward, exactly as one sequence decoding alone."""
+        Rows with several tokens are prefilled alone; the rows left with one token then run as one batched forward,
+        each row attending over exactly its own keys. With `chunk`, a row takes at most that many tokens this call
+        and gives no logits until its prompt is in (so long prompts never stall the rows that are decoding). A
+        single-row cache takes every pending token in one forward, exactly as one sequence decoding alone."""
         out: dict[int, torch.Tensor] = {}
         singles: list[tuple[int, int]] = []
         with torch.inference_mode():
@@ -94,6 +95,10 @@ class Decoder:
                 tokens = self.pending.get(row) or []
                 if not tokens:
                     raise FuselmError(f"internal error: cache row {row} has no token to feed")
+                if chunk is not None and len(tokens) > chunk:
+                    self.pending[row] = tokens[chunk:]
+                    self._forward_alone(row, tokens[:chunk])
+                    continue
                 self.pending[row] = []
                 if len(tokens) > 1 or self.cache.batch == 1:
                     out[row] = self._forward_alone(row, tokens)
@@ -145,52 +150,97 @@ def new_state(prompt: Sequence[int], capacity: int, device) -> SequenceState:
     return state
 
 
+class SequenceRun:
+    """One sequence driven by a Decoder, alone (run_alone) or among others (the serving engine).
+
+    The driver calls join() once, then before_feed(), Decoder.feed over `rows`, and after_feed() with the logits
+    of those rows, until `done`. Each call returns the events it produced. Subclasses: TokenRun (ids), TextRun
+    (text events), the mixed-modal run (text and pictures)."""
+
+    rows_needed = 1  # cache rows the run may hold at once (guidance adds rows)
+    capacity: int
+    state: SequenceState
+
+    @property
+    def rows(self) -> list[int]:
+        return self.state.rows
+
+    @property
+    def done(self) -> bool:
+        return self.state.finish_reason is not None
+
+    def join(self, decoder: Decoder) -> list:
+        raise NotImplementedError
+
+    def before_feed(self, decoder: Decoder) -> None:
+        """Rows to add or change before the next forward (guidance rows join here)."""
+
+    def after_feed(self, logits: dict[int, torch.Tensor], decoder: Decoder) -> list:
+        raise NotImplementedError
+
+
+class TokenRun(SequenceRun):
+    """Sample ids after a prompt until a stop id (which is kept), max_new_tokens, or a full cache."""
+
+    def __init__(self, device, prompt: Sequence[int], *, max_new_tokens: int, capacity: int,
+                 sampling: SamplingParams | Callable[[SequenceState], SamplingParams],
+                 processors: Sequence[LogitsProcessor] = (), seed: int | None = 0, stop_ids: Sequence[int] = ()):
+        self.prompt, self.max_new_tokens, self.capacity = list(prompt), max_new_tokens, capacity
+        self.sampling, self.processors = sampling, list(processors)
+        self.generator, self.stop_ids = generator_for(seed), {int(s) for s in stop_ids}
+        self.state = new_state(self.prompt, capacity, device)
+        self._t0 = self._t1 = None
+
+    def join(self, decoder: Decoder) -> list:
+        self._t0 = time.perf_counter()
+        self.state.rows = [decoder.take_row(self.prompt)]
+        return []
+
+    def after_feed(self, logits: dict[int, torch.Tensor], decoder: Decoder) -> list:
+        state = self.state
+        if self._t1 is None:
+            self._t1 = time.perf_counter()
+            state.timings["prefill_s"] = self._t1 - self._t0
+        token = next_token(state, logits[state.rows[0]][None], self.processors, self.sampling, self.generator)
+        state.timings["decode_s"] = time.perf_counter() - self._t1
+        if token in self.stop_ids:
+            state.finish_reason = "eos"
+        elif len(state.generated) >= self.max_new_tokens:
+            state.finish_reason = "length"
+        elif state.position - 1 >= self.capacity:  # the cache is full: nothing more can be fed
+            state.finish_reason = "context"
+        else:
+            decoder.push(state.rows, [token])
+        return self.on_token(token)
+
+    def on_token(self, token: int) -> list:
+        """Events for a sampled token (none at this level)."""
+        return []
+
+
+def run_alone(run: SequenceRun, model: Transformer) -> Iterator:
+    """Drive one run over a cache of its own; yield its events."""
+    decoder = Decoder(model, run.rows_needed, run.capacity)
+    yield from run.join(decoder)
+    while not run.done:
+        run.before_feed(decoder)
+        yield from run.after_feed(decoder.feed(run.rows), decoder)
+
+
 def decode_ids(model: Transformer, prompt: Sequence[int], *, max_new_tokens: int,
                sampling: SamplingParams | Callable[[SequenceState], SamplingParams],
                processors: Sequence[LogitsProcessor] = (), seed: int | None = 0, stop_ids: Sequence[int] = (),
-               capacity: int | None = None, state: SequenceState | None = None) -> Iterator[int]:
-    """One sequence alone: yield sampled ids one by one (a stop id is yielded, then the loop ends). Ends early
-    when the cache is full; `state` (made here unless given) has the tokens, timings and finish reason."""
-    capacity = capacity or len(prompt) + max_new_tokens
-    state = state or new_state(prompt, capacity, model.device)
-    decoder = Decoder(model, 1, capacity)
-    state.rows = [decoder.take_row(prompt)]
-    generator, stops = generator_for(seed), {int(s) for s in stop_ids}
-    t0 = time.perf_counter()
-    t1 = None
-    while True:
-        logits = decoder.feed(state.rows)[state.rows[0]][None]
-        if t1 is None:
-            t1 = time.perf_counter()
-            state.timings["prefill_s"] = t1 - t0
-        token = next_token(state, logits, processors, sampling, generator)
-        state.timings["decode_s"] = time.perf_counter() - t1
-        yield token
-        if token in stops:
-            state.finish_reason = "eos"
-            return
-        if len(state.generated) >= max_new_tokens:
-            state.finish_reason = "length"
-            return
-        if state.position - 1 >= decoder.capacity:  # the cache is full: nothing more can be fed
-            state.finish_reason = "context"
-            return
-        decoder.push(state.rows, [token])
+               capacity: int | None = None) -> Iterator[int]:
+    """One sequence alone: yield sampled ids one by one (a stop id is yielded, then the loop ends)."""
+    run = TokenRun(model.device, prompt, max_new_tokens=max_new_tokens,
+                   capacity=capacity or len(prompt) + max_new_tokens, sampling=sampling, processors=processors,
+                   seed=seed, stop_ids=stop_ids)
+    decoder = Decoder(model, 1, run.capacity)
+    run.join(decoder)
+    while not run.done:
+        run.after_feed(decoder.feed(run.rows), decoder)
+        yield run.state.generated[-1]
 
 
 def generator_for(seed: int | None) -> torch.Generator | None:
     return torch.Generator().manual_seed(seed) if seed is not None else None
-
-
-class Timer:
-    """Adds wall time to named entries of a timings dict."""
-
-    def __init__(self, timings: dict, key: str):
-        self.timings, self.key = timings, key
-
-    def __enter__(self):
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.timings[self.key] = self.timings.get(self.key, 0.0) + time.perf_counter() - self.t0

@@ -17,7 +17,7 @@ from PIL import Image
 
 from ..errors import FuselmError
 from ..vision import ImageVocab
-from .decoder import Decoder, LogitsProcessor, generator_for, new_state, next_token
+from .decoder import Decoder, LogitsProcessor, SequenceRun, generator_for, new_state, next_token, run_alone
 from .processors import (
     IMAGES_MODES,
     LATENT_PER_GRID,
@@ -26,9 +26,10 @@ from .processors import (
     ModalityMachine,
     TokenRoles,
 )
-from .prompt import default_stop_ids, encode_prompt, has_images, is_chat
+from .prompt import DEFAULT_SAMPLING, default_stop_ids, encode_prompt, has_images, is_chat
 from .sampling import SamplingParams
 from .stream import Done, Event, ImageDone, ImageProgress, ImageStart, TextDelta, TextStream
+from .text import TextRun
 
 LAYOUTS = ("chameleon", "lumina")
 # Meta's Options.Text / Options.Image defaults; Lumina-mGPT's inference defaults (text_top_k 10, image_top_k 2000).
@@ -39,14 +40,14 @@ LUMINA_IMAGE = SamplingParams(temperature=1.0, top_k=2000)
 PARTIAL_BACKGROUND = (255, 255, 255)
 
 
-def generate_mixed(model, prompt, *, max_tokens: int = 256, sampling: SamplingParams | None = None,
+def prepare_mixed(model, prompt, *, max_tokens: int = 256, sampling: SamplingParams | None = None,
                    seed: int | None = 0, stop: Sequence[str] = (), stop_token_ids: Sequence[int] | None = None,
                    processors: Sequence[LogitsProcessor] = (), images: str = "off", layout: str = "chameleon",
                    image_size: tuple[int, int] | None = None, cfg: str | None = None, cfg_text: float = 3.0,
                    cfg_image: float = 1.2, cfg_scale: float = 3.0, text_sampling: SamplingParams | None = None,
                    image_sampling: SamplingParams | None = None, progress_every: int = 8,
-                   **unknown) -> Iterator[Event]:
-    """Stream TextDelta / ImageStart / ImageProgress / ImageDone events, then Done.
+                   **unknown) -> SequenceRun:
+    """The run that streams TextDelta / ImageStart / ImageProgress / ImageDone events, then Done.
 
     prompt: a string, chat messages, token ids, or a list of strings and PIL images (images are tokenized with
     `model.image_tokenizer` and placed as boi + tokens + eoss).
@@ -80,13 +81,8 @@ def generate_mixed(model, prompt, *, max_tokens: int = 256, sampling: SamplingPa
             raise FuselmError(f"{model.source}: images={images!r} and image prompts need a model with an image "
                               "tokenizer (Chameleon)")
         ids, template_stops = encode_prompt(model, prompt)
-        from .prompt import DEFAULT_SAMPLING
-        from .text import generate_text
-
-        yield from generate_text(model, ids, max_tokens=max_tokens, sampling=sampling or DEFAULT_SAMPLING,
-                                 seed=seed, stop=tuple(stop) + template_stops, stop_token_ids=stop_token_ids,
-                                 processors=processors)
-        return
+        return TextRun(model, ids, max_tokens=max_tokens, sampling=sampling or DEFAULT_SAMPLING, seed=seed,
+                       stop=tuple(stop) + template_stops, stop_token_ids=stop_token_ids, processors=processors)
 
     setup = _Setup(model, layout=layout, images=images, image_size=image_size, stop_token_ids=stop_token_ids)
     ids, template_stops = _encode(model, prompt, setup)
@@ -105,10 +101,14 @@ def generate_mixed(model, prompt, *, max_tokens: int = 256, sampling: SamplingPa
     default = sampling is None
     text_params = text_sampling or ((META_TEXT if layout == "chameleon" else LUMINA_TEXT) if default else sampling)
     image_params = image_sampling or (META_IMAGE if layout == "chameleon" else LUMINA_IMAGE)
-    run = _Run(model, setup, ids, capacity=capacity, guidance=guidance, processors=processors, seed=seed,
-               text_params=text_params, image_params=image_params, stop=tuple(stop) + template_stops,
-               progress_every=progress_every, max_tokens=max_tokens)
-    yield from run.events()
+    return MixedRun(model, setup, ids, capacity=capacity, guidance=guidance, processors=processors, seed=seed,
+                    text_params=text_params, image_params=image_params, stop=tuple(stop) + template_stops,
+                    progress_every=progress_every, max_tokens=max_tokens)
+
+
+def generate_mixed(model, prompt, **options) -> Iterator[Event]:
+    """Stream the events of prepare_mixed's run, decoding alone."""
+    yield from run_alone(prepare_mixed(model, prompt, **options), model.transformer)
 
 
 def model_vocab(model) -> dict[str, int]:
@@ -198,8 +198,8 @@ def _capacity(model, ids: list[int], max_tokens: int, setup: _Setup) -> int:
     return min(context, len(ids) + max_tokens)
 
 
-class _Run:
-    """One generation: the decoding loop with its caches, and the events it yields."""
+class MixedRun(SequenceRun):
+    """One mixed-modal sequence: its own cache row, plus guidance rows from each begin-of-image to its end."""
 
     def __init__(self, model, setup: _Setup, ids: list[int], *, capacity: int,
                  guidance: ClassifierFreeGuidance | None, processors, seed, text_params, image_params, stop,
@@ -221,80 +221,86 @@ class _Run:
         decode = self.model.tokenizer.decode if self.model.tokenizer is not None else (lambda t: "")
         return TextStream(decode, self.stop)
 
-    def events(self) -> Iterator[Event]:
-        ids, m, roles = self.ids, self.machine, self.setup.roles
-        # The sequence's own row, plus one row per guidance context while an image is drawn with guidance.
-        rows = 1 + (len(self.guidance.contexts([])) if self.guidance is not None else 0)
-        decoder = Decoder(self.tr, rows, self.capacity)
-        state = new_state(ids, self.capacity, self.tr.device)
-        state.rows = [decoder.take_row(ids)]
-        seq = list(ids)  # every token of the sequence
-        text = self._new_text_stream()
-        reason = None
-        t_start = time.perf_counter()
-        first = True
+    @property
+    def rows_needed(self) -> int:
+        return 1 + (len(self.guidance.contexts([])) if self.guidance is not None else 0)
+
+    def join(self, decoder: Decoder) -> list[Event]:
+        self.state = new_state(self.ids, self.capacity, self.tr.device)
+        self.state.rows = [decoder.take_row(self.ids)]
+        self.seq = list(self.ids)  # every token of the sequence
+        self.text = self._new_text_stream()
+        self.t_start = self.t_step = time.perf_counter()
+        self.first, self.guiding = True, False
+        return list(self._image_start(self.machine)) if self.machine.in_image else []
+
+    def before_feed(self, decoder: Decoder) -> None:
+        self.t_step = time.perf_counter()
+        state, m = self.state, self.machine
+        self.guiding = self.guidance is not None and m.in_image and len(state.rows) == 1
+        if self.guiding:  # guidance rows join at begin-of-image: their contexts, then the image so far
+            start = max(i for i, t in enumerate(self.seq) if t == self.setup.roles.boi)
+            for context in self.guidance.contexts(self.seq[:start]):
+                state.rows.append(decoder.take_row(list(context) + self.seq[start:]))
+
+    def after_feed(self, fed: dict[int, torch.Tensor], decoder: Decoder) -> list[Event]:
+        state, m, events = self.state, self.machine, []
+        logits = torch.stack([fed[row] for row in state.rows])
+        t0 = self.t_step
+        if self.guiding:
+            self.timings["cfg_prefill_s"] += time.perf_counter() - t0
+        if self.first:
+            self.timings["prefill_s"] = time.perf_counter() - t0
+            self.first, t0 = False, time.perf_counter()
+        modality = "image" if m.in_image else "text"
+        params = self.image_params if m.in_image else self.text_params
         with torch.inference_mode():
-            if m.in_image:
-                yield from self._image_start(m)
-            while reason is None:
-                t0 = time.perf_counter()
-                guiding = self.guidance is not None and m.in_image and len(state.rows) == 1
-                if guiding:  # guidance rows join at begin-of-image: their contexts, then the image so far
-                    start = max(i for i, t in enumerate(seq) if t == roles.boi)
-                    for context in self.guidance.contexts(seq[:start]):
-                        state.rows.append(decoder.take_row(list(context) + seq[start:]))
-                fed = decoder.feed(state.rows)
-                logits = torch.stack([fed[row] for row in state.rows])
-                if guiding:
-                    self.timings["cfg_prefill_s"] += time.perf_counter() - t0
-                if first:
-                    self.timings["prefill_s"] = time.perf_counter() - t0
-                    first, t0 = False, time.perf_counter()
-                modality = "image" if m.in_image else "text"
-                params = self.image_params if m.in_image else self.text_params
-                token = next_token(state, logits, self.processors, params, self.generator)
-                seq.append(token)
-                self.timings[f"{modality}_s"] += time.perf_counter() - t0
-                self.counts[modality] += 1
-                (kind,) = m.sync(state.generated)
-                if kind == "text":
-                    if token in self.setup.stop_ids:
-                        reason = "eos"
-                        break
-                    delta = text.push([token])
-                    if delta:
-                        yield TextDelta(delta)
-                    if text.stopped:
-                        reason = "stop"
-                        break
-                elif kind == "begin":
-                    tail = text.flush()
-                    if tail:
-                        yield TextDelta(tail)
-                    text = self._new_text_stream()
-                    yield from self._image_start(m)
-                elif kind == "size":
-                    yield from self._image_start(m)
-                elif kind == "row":
-                    yield self._progress(m)
-                elif kind == "end":
-                    yield self._image_done(seq)
-                    decoder.release(state.rows[1:])  # guidance ends with the image
-                    state.rows = state.rows[:1]
-                    if m.images == "only":
-                        reason = "eos"
-                        break
-                if len(state.generated) >= self.budget:
-                    reason = "length"
-                elif state.position >= self.capacity:
-                    reason = "context"
-                else:
-                    decoder.push(state.rows, [token])
-        tail = "" if reason == "stop" else text.flush()
-        if tail:
-            yield TextDelta(tail)
-        yield Done(reason, prompt_tokens=len(ids), generated_tokens=len(state.generated),
-                   timings=self._timings(time.perf_counter() - t_start))
+            token = next_token(state, logits, self.processors, params, self.generator)
+        self.seq.append(token)
+        self.timings[f"{modality}_s"] += time.perf_counter() - t0
+        self.counts[modality] += 1
+        (kind,) = m.sync(state.generated)
+        reason = None
+        if kind == "text":
+            if token in self.setup.stop_ids:
+                reason = "eos"
+            else:
+                delta = self.text.push([token])
+                if delta:
+                    events.append(TextDelta(delta))
+                if self.text.stopped:
+                    reason = "stop"
+        elif kind == "begin":
+            tail = self.text.flush()
+            if tail:
+                events.append(TextDelta(tail))
+            self.text = self._new_text_stream()
+            events.extend(self._image_start(m))
+        elif kind == "size":
+            events.extend(self._image_start(m))
+        elif kind == "row":
+            events.append(self._progress(m))
+        elif kind == "end":
+            events.append(self._image_done(self.seq))
+            decoder.release(state.rows[1:])  # guidance ends with the image
+            state.rows = state.rows[:1]
+            if m.images == "only":
+                reason = "eos"
+        if reason is None:
+            if len(state.generated) >= self.budget:
+                reason = "length"
+            elif state.position >= self.capacity:
+                reason = "context"
+            else:
+                decoder.push(state.rows, [token])
+        if reason is not None:
+            state.finish_reason = reason
+            tail = "" if reason == "stop" else self.text.flush()
+            if tail:
+                events.append(TextDelta(tail))
+            events.append(Done(reason, prompt_tokens=len(self.ids), generated_tokens=len(state.generated),
+                               timings=self._timings(time.perf_counter() - self.t_start)))
+        return events
 
     # ---- events -----------------------------------------------------------------------------------------
 
