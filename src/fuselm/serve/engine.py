@@ -8,8 +8,11 @@ Interface (the HTTP layer relies on nothing else):
   stream.cancel()                   # also done by `aclose()`; the request stops costing compute at its next step
   engine.close()                    # cancel everything; open streams raise EngineShutdown
 
-This implementation runs one request at a time on one worker thread (`fuselm.generate`); the scheduling lives
-in `_Scheduler` only, so continuous batching can replace its inside without touching the callers.
+Continuous batching: one worker thread decodes up to `parallel` requests together over one KV cache with a
+length per row (fuselm.generation.decoder). Each step is one batched forward over every running sequence's row
+(plus its guidance rows while a picture is drawn); requests join between steps, a long prompt is prefilled one
+chunk per step so running streams keep flowing, and a finished, cancelled or disconnected request leaves at once.
+Each row attends over exactly its own keys, so a request's tokens do not depend on what else is in the batch.
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ from typing import Any
 import torch
 
 from ..errors import FuselmError
-from ..generation.decoder import SequenceState
-from ..generation.generate import generate
+from ..generation.decoder import Decoder, SequenceRun, SequenceState
+from ..generation.generate import prepare_run
 from ..generation.stream import Done
 
 log = logging.getLogger("fuselm.serve")
@@ -109,6 +112,7 @@ class Stream:
         self.request = request
         self.cancelled = threading.Event()
         self.submitted = time.perf_counter()
+        self.joined: float | None = None  # when it started decoding
         self._loop = loop
         self._queue: asyncio.Queue = asyncio.Queue()
         self._on_cancel = on_cancel
@@ -180,13 +184,28 @@ class Engine:
         self._scheduler.close(timeout)
 
 
+PREFILL_CHUNK = 256  # prompt tokens a joining sequence feeds per step (running streams wait at most that long)
+
+
+@dataclass
+class _Active:
+    stream: Stream
+    run: SequenceRun
+    recorder: _Recorder
+    first: bool = True
+
+
 class _Scheduler:
-    """Which request runs when. Now: one at a time, in order, on one worker thread."""
+    """Which requests run when: up to `parallel` at once, decoded together step by step on one worker thread."""
 
     def __init__(self, engine: Engine):
         self.engine = engine
+        model = engine.model
+        self.rows_per_sequence = 3 if model.image_tokenizer is not None else 1  # Meta guidance adds two rows
+        capacity = model.config.max_position_embeddings
+        self.decoder = Decoder(model.transformer, engine.parallel * self.rows_per_sequence, capacity)
         self.queue: deque[Stream] = deque()
-        self.current: Stream | None = None
+        self.active: list[_Active] = []
         self.closing = False
         self.lock = threading.Condition()
         self.recent_seconds: deque[float] = deque(maxlen=16)  # durations, for Retry-After
@@ -195,7 +214,7 @@ class _Scheduler:
 
     @property
     def running(self) -> int:
-        return int(self.current is not None)
+        return len(self.active)
 
     @property
     def waiting(self) -> int:
@@ -222,18 +241,16 @@ class _Scheduler:
                 stream.put(_END)
                 self._count_cancelled()
                 self._report()
-        # a running request sees its flag at the next step (the recorder raises)
+            self.lock.notify()
+        # a running request leaves before the next step
 
     def close(self, timeout: float) -> None:
         with self.lock:
             self.closing = True
             waiting, self.queue = list(self.queue), deque()
-            current = self.current
             self.lock.notify_all()
         for stream in waiting:
             stream.put(EngineShutdown("the server is shutting down"))
-        if current is not None:
-            current.cancelled.set()
         self.thread.join(timeout)
         self._report()
 
@@ -246,53 +263,103 @@ class _Scheduler:
         if self.engine.metrics is not None:
             self.engine.metrics.cancelled.inc()
 
+    # ---- the worker ------------------------------------------------------------------------------------------
+
     def _work(self) -> None:
         while True:
             with self.lock:
-                while not self.queue and not self.closing:
+                while not self.queue and not self.active and not self.closing:
                     self.lock.wait()
                 if self.closing:
+                    for a in self.active:
+                        self._leave(a, EngineShutdown("the server is shutting down"))
                     return
-                stream = self.current = self.queue.popleft()
+                joining = []
+                while self.queue and len(self.active) + len(joining) < self.engine.parallel:
+                    joining.append(self.queue.popleft())
                 self._report()
-            t0 = time.perf_counter()
+            for stream in joining:
+                self._join(stream)
             try:
-                self._run(stream)
-            finally:
-                with self.lock:
-                    self.current = None
-                    self._report()
-                self.recent_seconds.append(time.perf_counter() - t0)
+                self._step()
+            except Exception as err:  # a bug in the batch: end every request with it, keep serving
+                log.exception("decode step failed")
+                for a in list(self.active):
+                    self._leave(a, RuntimeError(f"internal error: {type(err).__name__}: {err}"))
 
-    def _run(self, stream: Stream) -> None:
-        request, metrics = stream.request, self.engine.metrics
+    def _join(self, stream: Stream) -> None:
+        request = stream.request
         recorder = _Recorder(stream.cancelled, request.top_logprobs)
-        first = True
         try:
-            events = generate(self.engine.model, request.prompt, processors=[recorder], **request.options)
-            for event in events:
-                sampled = recorder.take()
-                if sampled is not None:
-                    if first and metrics is not None:
-                        metrics.time_to_first_token.observe(time.perf_counter() - stream.submitted)
-                    first = False
-                    stream.put(sampled)
-                stream.put(event)
-                if isinstance(event, Done) and metrics is not None:
-                    metrics.tokens.labels("prompt").inc(event.prompt_tokens)
-                    metrics.tokens.labels("completion").inc(event.generated_tokens)
-                if stream.cancelled.is_set():
-                    events.close()
-                    raise _Cancelled
-        except _Cancelled:
-            if self.closing:
-                stream.put(EngineShutdown("the server is shutting down"))
-            else:
-                self._count_cancelled()
+            run = prepare_run(self.engine.model, request.prompt, processors=[recorder], **request.options)
+            if run.capacity > self.decoder.capacity:
+                raise FuselmError(f"the request needs {run.capacity} positions; the server's cache holds "
+                                  f"{self.decoder.capacity} per sequence")
+            active = _Active(stream, run, recorder)
+            stream.joined = time.perf_counter()
+            self._emit(active, run.join(self.decoder))
         except FuselmError as err:
             stream.put(err)
-        except Exception as err:  # a bug: keep serving, tell the client and the log
-            log.exception("request failed")
-            stream.put(RuntimeError(f"internal error: {type(err).__name__}: {err}"))
-        stream.put(_END)
+            stream.put(_END)
+            return
+        with self.lock:
+            self.active.append(active)
+            self._report()
 
+    def _step(self) -> None:
+        decoder = self.decoder
+        for a in list(self.active):
+            if a.stream.cancelled.is_set():
+                self._leave(a, None)
+        if not self.active:
+            return
+        rows = []
+        for a in self.active:
+            a.run.before_feed(decoder)
+            prefilling = [r for r in a.run.rows if len(decoder.pending.get(r, ())) > 1]
+            rows += prefilling or a.run.rows  # a sequence samples only once all its rows are in
+        fed = decoder.feed(rows, chunk=PREFILL_CHUNK)
+        for a in list(self.active):
+            if not all(r in fed for r in a.run.rows):
+                continue
+            try:
+                events = a.run.after_feed(fed, decoder)
+            except _Cancelled:
+                self._leave(a, None)
+                continue
+            except FuselmError as err:
+                self._leave(a, err)
+                continue
+            self._emit(a, events)
+            if a.run.done:
+                self._leave(a, _END)
+
+    def _emit(self, a: _Active, events: list) -> None:
+        metrics = self.engine.metrics
+        sampled = a.recorder.take()
+        if sampled is not None:
+            if a.first and metrics is not None:
+                metrics.time_to_first_token.observe(time.perf_counter() - a.stream.submitted)
+            a.first = False
+            a.stream.put(sampled)
+        for event in events:
+            a.stream.put(event)
+            if isinstance(event, Done) and metrics is not None:
+                metrics.tokens.labels("prompt").inc(event.prompt_tokens)
+                metrics.tokens.labels("completion").inc(event.generated_tokens)
+
+    def _leave(self, a: _Active, outcome) -> None:
+        """Free the request's rows and end its stream: _END (finished), None (cancelled) or an exception."""
+        self.decoder.release(a.run.rows)
+        with self.lock:
+            if a in self.active:
+                self.active.remove(a)
+            self._report()
+        if outcome is None:
+            self._count_cancelled()
+        elif outcome is not _END:
+            if isinstance(outcome, Exception) and not isinstance(outcome, (FuselmError, EngineShutdown)):
+                log.error("request failed: %s", outcome)
+            a.stream.put(outcome)
+        self.recent_seconds.append(time.perf_counter() - (a.stream.joined or a.stream.submitted))
+        a.stream.put(_END)
