@@ -19,6 +19,10 @@ dim 2048, ffn 5632, 4 KV heads, vocab 32000; Q4_K_M with llama.cpp's mix: Q6_K f
 "more bits" layers and for the output), called in model order with M=1: matmul-only tokens per second, the
 part of decode this module owns (attention, norms and Python overhead come on top); "fused" stacks q/k/v
 (when of one type) and gate/up into one QuantLinear each.
+
+`--batch 1,2,4,8,16` adds batched decode (what the serving engine runs, one row per sequence): one GEMV on M
+activation rows, weights streamed from DRAM, per type at 5632x2048: ms per call, weight GB/s (each weight
+read once per call for all M rows) and rows*calls per second (aggregate throughput, which should grow with M).
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ import torch
 from gguf import GGMLQuantizationType
 
 from fuselm.quants import quantize
+from fuselm.quants.gemm_dtype import prefill_dtype
+from fuselm.quants.kernel_build import kernel_isa
 from fuselm.quants.kernels import QuantLinear, set_threads
 from fuselm.quants.mixes import plan_types
 from fuselm.quants.tensor import QuantizedWeight
@@ -135,6 +141,20 @@ def bench_type(qtype: str, n: int, k: int, reps: int) -> str:
     )
 
 
+def bench_batch(qtype: str, n: int, k: int, ms: list[int], reps: int) -> str:
+    data, _ = make_weight(qtype, n, k)
+    copies = max(2, COLD_BYTES // data.numel())
+    pool = data.unsqueeze(0).expand(copies, *data.shape).contiguous()
+    layers = [QuantLinear(QuantizedWeight(pool[i], qtype, (n, k))) for i in range(copies)]
+    it = iter(range(1 << 30))
+    cells = []
+    for m in ms:
+        x = torch.randn(m, k)
+        best, _ = timed(lambda: layers[next(it) % copies](x), reps * 2)
+        cells.append(f"M={m:<2d} {best * 1e3:6.3f} ms {data.numel() / best / 1e9:5.1f} GB/s {m / best:8.0f} rows/s")
+    return f"{qtype:7s} {n:5d}x{k:<5d} batched GEMV | " + " | ".join(cells)
+
+
 def layers_backend(qtype: str) -> str:
     from fuselm.quants.kernels import _default_backend
 
@@ -231,10 +251,15 @@ def main() -> None:
     ap.add_argument("--no-reference", action="store_true", help="skip the torch reference rows")
     ap.add_argument("--stack", default="", help="comma list of Q4_K_M, Q8_0, Q4_0, F16: TinyLlama decode matmuls")
     ap.add_argument("--no-single", action="store_true", help="skip the single-matmul table")
+    ap.add_argument("--batch", default="", help="comma list of row counts M for the batched-GEMV table")
     args = ap.parse_args()
     set_threads(args.threads)
     torch.manual_seed(0)
-    print(f"threads={args.threads}  torch {torch.__version__}")
+    print(f"threads={args.threads}  torch {torch.__version__}  kernels {kernel_isa()}  prefill GEMM {prefill_dtype()}")
+    if args.batch:
+        ms = [int(v) for v in args.batch.split(",")]
+        for qtype in args.types.split(","):
+            print(bench_batch(qtype.strip().upper(), *SHAPES[0], ms, args.reps), flush=True)
     for ftype in filter(None, args.stack.split(",")):
         for fuse in (False, True):
             print(bench_stack(ftype.strip().upper(), args.reps, fuse), flush=True)
