@@ -22,7 +22,8 @@ part of decode this module owns (attention, norms and Python overhead come on to
 
 `--batch 1,2,4,8,16` adds batched decode (what the serving engine runs, one row per sequence): one GEMV on M
 activation rows, weights streamed from DRAM, per type at 5632x2048: ms per call, weight GB/s (each weight
-read once per call for all M rows) and rows*calls per second (aggregate throughput, which should grow with M).
+read once per call for all M rows) and rows*calls per second (aggregate throughput, which should grow with M);
+float32 activations (the default residual stream), and at M=1 also bf16 activations for comparison.
 """
 
 from __future__ import annotations
@@ -149,9 +150,11 @@ def bench_batch(qtype: str, n: int, k: int, ms: list[int], reps: int) -> str:
     it = iter(range(1 << 30))
     cells = []
     for m in ms:
-        x = torch.randn(m, k)
-        best, _ = timed(lambda: layers[next(it) % copies](x), reps * 2)
-        cells.append(f"M={m:<2d} {best * 1e3:6.3f} ms {data.numel() / best / 1e9:5.1f} GB/s {m / best:8.0f} rows/s")
+        for dtype in (torch.float32, torch.bfloat16) if m == 1 else (torch.float32,):
+            x = torch.randn(m, k).to(dtype)
+            best, _ = timed(lambda: layers[next(it) % copies](x), reps * 2)
+            label = f"M={m:<2d}" + (" bf16 in" if dtype == torch.bfloat16 else "")
+            cells.append(f"{label} {best * 1e3:6.3f} ms {data.numel() / best / 1e9:5.1f} GB/s {m / best:8.0f} rows/s")
     return f"{qtype:7s} {n:5d}x{k:<5d} batched GEMV | " + " | ".join(cells)
 
 

@@ -203,11 +203,75 @@ struct Out {  // y[m * ldy + n] = value + bias[n], f32 or bf16
     }
 };
 
+// One activation row's integer dot product with the 16 weight rows over one sub-block:
+// 256 * sum(code * h) + sum(code * l) per row (codes still carry OFF, except for SubDot::SIGNED).
+#if FQ_AVX512
+template <class T>
+struct SubDot {
+    static constexpr bool SIGNED = false;
+    using Code = VI;
+    VI h, l;
+    static Code prepare(VI c) { return c; }
+    void zero() { h = l = v_zero(); }
+    void add(int, Code c, VI xh, VI xl) {
+        h = v_dpbusd(h, c, xh);
+        l = v_dpbusd(l, c, xl);
+    }
+    VI total() const { return v_add32(v_sll32(h, 8), l); }
+};
+#else
+// AVX2: maddubs (pairs of byte products in int16) summed in int16 over F quads, then widened once: fewer
+// instructions than widening every quad. F is what cannot overflow: F * 2 * CMAX * 127 < 2^15. Codes above 127
+// (OFF = 128) would saturate maddubs, so those go signed: |code - 128| against x with the code's sign.
+template <class T>
+struct SubDot {
+    static constexpr bool SIGNED = T::OFF == 128;
+    static constexpr int QPS = T::SUB / 4, LIMIT = 32767 / (2 * 127 * (SIGNED ? 128 : T::CMAX));
+    static constexpr int F = LIMIT >= 8 ? std::min(QPS, 8) : LIMIT >= 4 ? 4 : LIMIT >= 2 ? 2 : 1;
+    static_assert(QPS % F == 0 && LIMIT >= 1);
+    struct Code {
+        __m256i u[2], q[2];  // unsigned factor; the signed codes whose sign goes onto x (SIGNED only)
+    };
+    __m256i h[2], l[2], s[2];
+    static Code prepare(VI c) {
+        Code k;
+        const __m256i cv[2] = {c.a, c.b};
+        for (int i = 0; i < 2; i++) {
+            if constexpr (SIGNED) {
+                k.q[i] = _mm256_xor_si256(cv[i], _mm256_set1_epi8((char)0x80));
+                k.u[i] = _mm256_abs_epi8(k.q[i]);
+            } else {
+                k.u[i] = cv[i];
+            }
+        }
+        return k;
+    }
+    void zero() {
+        for (int i = 0; i < 2; i++) h[i] = l[i] = s[i] = _mm256_setzero_si256();
+    }
+    void add(int t, const Code& c, VI xh, VI xl) {
+        const __m256i xhv[2] = {xh.a, xh.b}, xlv[2] = {xl.a, xl.b};
+        for (int i = 0; i < 2; i++) {
+            const __m256i a = SIGNED ? _mm256_sign_epi8(xhv[i], c.q[i]) : xhv[i];
+            const __m256i b = SIGNED ? _mm256_sign_epi8(xlv[i], c.q[i]) : xlv[i];
+            h[i] = _mm256_add_epi16(h[i], _mm256_maddubs_epi16(c.u[i], a));
+            l[i] = _mm256_add_epi16(l[i], _mm256_maddubs_epi16(c.u[i], b));
+        }
+        if ((t % QPS + 1) % F == 0) {
+            for (int i = 0; i < 2; i++) {
+                s[i] = _mm256_add_epi32(s[i], _mm256_add_epi32(_mm256_madd_epi16(h[i], _mm256_set1_epi16(256)),
+                                                                _mm256_madd_epi16(l[i], _mm256_set1_epi16(1))));
+                h[i] = l[i] = _mm256_setzero_si256();
+            }
+        }
+    }
+    VI total() const { return VI{s[0], s[1]}; }
+};
+#endif
+
 template <class T, int MR>
 void gemv_groups(const uint8_t* W, int64_t g0, int64_t g1, int64_t K, const Act& a, int64_t m0, const Out& out) {
-    // AVX2 has no unsigned-by-signed byte dot product that cannot saturate for codes above 127: codes with
-    // OFF = 128 go through the signed form, which leaves no offset to subtract
-    constexpr bool SIGNED = !FQ_AVX512 && T::OFF == 128;
+    using Dot = SubDot<T>;
     const int64_t nb = K / T::QK;
     const int8_t* hr[MR];
     const int8_t* lr[MR];
@@ -224,9 +288,8 @@ void gemv_groups(const uint8_t* W, int64_t g0, int64_t g1, int64_t K, const Act&
     }
     for (int64_t g = g0; g < g1; g++) {
         const uint8_t* tile = W + g * nb * R * T::BS;
-        constexpr int P = 1;  // accumulator pairs per row (2, for even / odd quads, measured no faster)
         VF acc[MR], accm[MR];
-        VI ah[MR][P], al[MR][P];
+        Dot dot[MR];
         for (int m = 0; m < MR; m++) acc[m] = accm[m] = f_zero();
         for (int64_t b = 0; b < nb; b++, tile += R * T::BS) {
             const int64_t k0 = b * T::QK;
@@ -240,39 +303,29 @@ void gemv_groups(const uint8_t* W, int64_t g0, int64_t g1, int64_t K, const Act&
             constexpr bool spread = T::QK == 256;
             if constexpr (!spread)
                 for (int i = 0; i < R * T::BS; i += 64) _mm_prefetch((const char*)tile + ahead + i, _MM_HINT_T1);
-            for (int m = 0; m < MR; m++)
-                for (int p = 0; p < P; p++) ah[m][p] = al[m][p] = v_zero();
+            for (int m = 0; m < MR; m++) dot[m].zero();
             T::visit(
                 tile,
                 [&](int t, VI c) {
                     if constexpr (spread)
                         for (int64_t i = 64 * t; i < R * T::BS; i += 64 * (T::QK / 4))
                             _mm_prefetch((const char*)tile + ahead + i, _MM_HINT_T1);
-                    const int p = t % P;
+                    const typename Dot::Code code = Dot::prepare(c);
                     for (int m = 0; m < MR; m++) {
                         const int64_t i = k0 + 4 * t;
-                        const VI xh = v_set32((int)rd32((const uint8_t*)hr[m] + i));
-                        const VI xl = v_set32((int)rd32((const uint8_t*)lr[m] + i));
-                        if constexpr (SIGNED) {
-                            ah[m][p] = v_dpbssd(ah[m][p], c, xh);
-                            al[m][p] = v_dpbssd(al[m][p], c, xl);
-                        } else {
-                            ah[m][p] = v_dpbusd(ah[m][p], c, xh);
-                            al[m][p] = v_dpbusd(al[m][p], c, xl);
-                        }
+                        dot[m].add(t, code, v_set32((int)rd32((const uint8_t*)hr[m] + i)),
+                                   v_set32((int)rd32((const uint8_t*)lr[m] + i)));
                     }
                 },
                 [&](int j, VF scale, VF mn) {
                     const int64_t s = (k0 + j * T::SUB) / T::SUB;
                     for (int m = 0; m < MR; m++) {
-                        VI h = ah[m][0], l = al[m][0];
-                        if (P == 2) h = v_add32(h, ah[m][P - 1]), l = v_add32(l, al[m][P - 1]);
-                        VI tt = v_add32(v_sll32(h, 8), l);
-                        if (T::OFF && !SIGNED) tt = v_sub32(tt, v_set32(sr[m][s]));
+                        VI tt = dot[m].total();
+                        if (T::OFF && !Dot::SIGNED) tt = v_sub32(tt, v_set32(sr[m][s]));
                         const float da = dr[m][(k0 + j * T::SUB) / 32];
                         acc[m] = f_fma(f_from(tt), f_mul(scale, f_set1(da)), acc[m]);
                         if (T::MIN) accm[m] = f_fma(mn, f_set1(xr[m][s]), accm[m]);
-                        for (int p = 0; p < P; p++) ah[m][p] = al[m][p] = v_zero();
+                        dot[m].zero();
                     }
                 });
         }
@@ -280,14 +333,20 @@ void gemv_groups(const uint8_t* W, int64_t g0, int64_t g1, int64_t K, const Act&
     }
 }
 
+// Work is handed out in chunks of 16-row groups, a few per thread, on demand (OpenMP dynamic schedule): when
+// another process holds one core, the thread that shares it takes fewer chunks instead of holding up the call.
+// A chunk is always computed whole by one thread, so results do not depend on who takes it.
+inline int64_t chunk_groups(int64_t groups) {
+    return std::max<int64_t>(1, groups / (4 * (int64_t)omp_get_max_threads()));
+}
+
 template <class T>
 void linear(const uint8_t* W, int64_t N, int64_t K, const void* x, int bf16, int64_t M, int64_t ldx, const Out& out) {
     const Act a = prep(x, bf16, M, K, ldx, T::OFF, T::SUB);
-    const int64_t groups = (N + R - 1) / R;
-#pragma omp parallel
-    {
-        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-        const int64_t g0 = groups * t / nt, g1 = groups * (t + 1) / nt;
+    const int64_t groups = (N + R - 1) / R, chunk = chunk_groups(groups);
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t c = 0; c < (groups + chunk - 1) / chunk; c++) {
+        const int64_t g0 = c * chunk, g1 = std::min(groups, g0 + chunk);
         // M <= 4: one pass; more rows: chunks of 4 rows per group while its tiles are in L1/L2, so the
         // weights still come from memory once
         const int64_t step = M <= 4 ? g1 - g0 : 1;
@@ -432,16 +491,13 @@ void dequant_groups(const uint8_t* W, int64_t n0, int64_t n1, int64_t K, void* o
 
 template <class T, int KIND>
 void dequant(const uint8_t* W, int64_t n0, int64_t n1, int64_t K, void* out, int64_t ldo) {
-    const int64_t g0 = n0 / R, g1 = (n1 + R - 1) / R;
+    const int64_t g0 = n0 / R, g1 = (n1 + R - 1) / R, chunk = chunk_groups(g1 - g0);
     const int64_t es = KIND == OUT_F32 ? 4 : 2;
-#pragma omp parallel
-    {
-        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-        const int64_t a = g0 + (g1 - g0) * t / nt, b = g0 + (g1 - g0) * (t + 1) / nt;
-        if (a < b) {
-            const int64_t r0 = std::max(n0, a * R), r1 = std::min(n1, b * R);
-            dequant_groups<T, KIND>(W, r0, r1, K, (uint8_t*)out + (r0 - n0) * ldo * es, ldo);
-        }
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t c = 0; c < (g1 - g0 + chunk - 1) / chunk; c++) {
+        const int64_t a = g0 + c * chunk, b = std::min(g1, a + chunk);
+        const int64_t r0 = std::max(n0, a * R), r1 = std::min(n1, b * R);
+        dequant_groups<T, KIND>(W, r0, r1, K, (uint8_t*)out + (r0 - n0) * ldo * es, ldo);
     }
 }
 
@@ -479,10 +535,10 @@ void dense_rows(const uint16_t* W, int64_t n0, int64_t n1, int64_t K, const floa
 template <bool BF16>
 void dense_linear(const uint16_t* W, int64_t N, int64_t K, const float* x, int64_t M, int64_t ldx, const Out& out) {
     float* y = (float*)scratch(sizeof(float) * (M * N + 16));  // then bias / dtype in put16
-#pragma omp parallel
-    {
-        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-        const int64_t n0 = N * t / nt, n1 = N * (t + 1) / nt;
+    const int64_t chunk = 16 * chunk_groups((N + 15) / 16);
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t c = 0; c < (N + chunk - 1) / chunk; c++) {
+        const int64_t n0 = c * chunk, n1 = std::min(N, n0 + chunk);
         for (int64_t m0 = 0; m0 < M; m0 += 4) {
             switch (std::min<int64_t>(4, M - m0)) {
                 case 1: dense_rows<BF16, 1>(W, n0, n1, K, x, ldx, m0, y, N); break;

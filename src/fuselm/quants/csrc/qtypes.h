@@ -1,7 +1,7 @@
 // Block types of fuselm's kernels: ggml blocks of 16 rows repacked into one interleaved tile, and how to walk it.
 //
-// Every type is a struct with the ggml block (QK elements, BS bytes), the code offset OFF and sub-block
-// size SUB, and:
+// Every type is a struct with the ggml block (QK elements, BS bytes), the code offset OFF, the largest code
+// CMAX, the sub-block size SUB, and:
 //   repack(src rows[16], dst tile)        ggml blocks of 16 rows -> one tile
 //   visit(tile, quad, sub)                calls quad(t, codes) for the element quads t = 0..QK/4-1 (codes of
 //                                         elements 4t..4t+3 of all 16 rows) and, after the last quad of each
@@ -66,7 +66,7 @@ inline void legacy_nibbles(const uint8_t* qs, uint8_t* q) {
 // ------------------------------------------------------------------------------------------------ legacy
 
 struct Q4_0 {
-    static constexpr int QK = 32, BS = 18, OFF = 8, SUB = 32;
+    static constexpr int QK = 32, BS = 18, OFF = 8, CMAX = 15, SUB = 32;
     static constexpr bool MIN = false;
     static void repack(const uint8_t* const* src, uint8_t* t) {
         for (int r = 0; r < R; r++) {
@@ -88,7 +88,7 @@ struct Q4_0 {
 };
 
 struct IQ4_NL {
-    static constexpr int QK = 32, BS = 18, OFF = 128, SUB = 32;
+    static constexpr int QK = 32, BS = 18, OFF = 128, CMAX = 255, SUB = 32;
     static constexpr bool MIN = false;
     static void repack(const uint8_t* const* src, uint8_t* t) { Q4_0::repack(src, t); }
     template <class Q, class S>
@@ -107,7 +107,7 @@ struct IQ4_NL {
 };
 
 struct Q4_1 {
-    static constexpr int QK = 32, BS = 20, OFF = 0, SUB = 32;
+    static constexpr int QK = 32, BS = 20, OFF = 0, CMAX = 15, SUB = 32;
     static constexpr bool MIN = true;
     static void repack(const uint8_t* const* src, uint8_t* t) {
         for (int r = 0; r < R; r++) {
@@ -161,7 +161,7 @@ inline void visit_q5(const uint8_t* t, Q&& quad) {
 }
 
 struct Q5_0 {
-    static constexpr int QK = 32, BS = 22, OFF = 16, SUB = 32;
+    static constexpr int QK = 32, BS = 22, OFF = 16, CMAX = 31, SUB = 32;
     static constexpr bool MIN = false;
     static void repack(const uint8_t* const* src, uint8_t* t) { repack_q5(src, t, 2, 6, 2); }
     template <class Q, class S>
@@ -172,7 +172,7 @@ struct Q5_0 {
 };
 
 struct Q5_1 {
-    static constexpr int QK = 32, BS = 24, OFF = 0, SUB = 32;
+    static constexpr int QK = 32, BS = 24, OFF = 0, CMAX = 31, SUB = 32;
     static constexpr bool MIN = true;
     static void repack(const uint8_t* const* src, uint8_t* t) { repack_q5(src, t, 4, 8, 4); }
     template <class Q, class S>
@@ -183,7 +183,7 @@ struct Q5_1 {
 };
 
 struct Q8_0 {
-    static constexpr int QK = 32, BS = 34, OFF = 128, SUB = 32;
+    static constexpr int QK = 32, BS = 34, OFF = 128, CMAX = 255, SUB = 32;
     static constexpr bool MIN = false;
     static void repack(const uint8_t* const* src, uint8_t* t) {
         for (int r = 0; r < R; r++) {
@@ -232,7 +232,7 @@ inline void crumb_quads(VI v, int z, Q&& quad) {
 }
 
 struct Q2_K {
-    static constexpr int QK = 256, BS = 84, OFF = 0, SUB = 16;
+    static constexpr int QK = 256, BS = 84, OFF = 0, CMAX = 3, SUB = 16;
     static constexpr bool MIN = true;
     // tile: d[16] @0, dmin[16] @32, scales[16][16] @64, codes 16 vectors @320
     static void repack(const uint8_t* const* src, uint8_t* t) {
@@ -263,7 +263,7 @@ struct Q2_K {
 };
 
 struct Q3_K {
-    static constexpr int QK = 256, BS = 110, OFF = 4, SUB = 16;
+    static constexpr int QK = 256, BS = 110, OFF = 4, CMAX = 7, SUB = 16;
     static constexpr bool MIN = false;
     // tile: d[16] @0, scales[12][16] @32, low 2 bits 16 vectors @224, high-bit planes 8 vectors @1248
     // (vector w, lane r, byte i, bit 4 * (z - 2w) + s: high bit of element 16z + 4s + i, z = 2w, 2w + 1)
@@ -343,7 +343,7 @@ inline void k4_low4(const uint8_t* qs, uint8_t* q) {  // element 64c + l (+32): 
 }
 
 struct Q4_K {
-    static constexpr int QK = 256, BS = 144, OFF = 0, SUB = 32;
+    static constexpr int QK = 256, BS = 144, OFF = 0, CMAX = 15, SUB = 32;
     static constexpr bool MIN = true;
     static void repack(const uint8_t* const* src, uint8_t* t) {
         copy_halfs(src, 0, t);
@@ -374,7 +374,7 @@ struct Q4_K {
 };
 
 struct Q5_K {
-    static constexpr int QK = 256, BS = 176, OFF = 0, SUB = 32;
+    static constexpr int QK = 256, BS = 176, OFF = 0, CMAX = 31, SUB = 32;
     static constexpr bool MIN = true;
     static void repack(const uint8_t* const* src, uint8_t* t) {
         copy_halfs(src, 0, t);
@@ -418,7 +418,7 @@ struct Q5_K {
 };
 
 struct Q6_K {
-    static constexpr int QK = 256, BS = 210, OFF = 32, SUB = 16;
+    static constexpr int QK = 256, BS = 210, OFF = 32, CMAX = 63, SUB = 16;
     static constexpr bool MIN = false;
     // tile: d[16] @0, int8 scales [16][16] @32, low 4 bits 32 vectors @288, high 2 bits 16 vectors @2336
     // (vector p, lane r, byte i, bits 2u: element 8c + 4h + i with c = 2p + u / 2, h = u % 2)

@@ -3,7 +3,7 @@
 // VI is 64 bytes of integers (16 dwords / 64 bytes), VF is 16 floats. The kernels are written once against the
 // functions below; FQ_AVX512 is 1 when the build targets AVX-512 F/BW/VL/VNNI/VBMI, else 0 (AVX2 + FMA + F16C).
 // Integer results are identical on both; v_dpbusd on AVX2 is exact only while every pair of byte products
-// fits in int16 (unsigned codes <= 127 against int8 in [-127, 127]); wider codes use v_dpbssd (signed codes).
+// fits in int16 (unsigned codes <= 127 against int8 in [-127, 127]); the GEMV's SubDot handles wider codes.
 #pragma once
 
 #include <immintrin.h>
@@ -130,16 +130,6 @@ inline float f_sum(VF x) {
 }
 #undef FQ_I2
 #undef FQ_F2
-#endif
-
-// AVX2 only: acc + sum of 4 products per dword of signed codes (the bytes of c minus 128) and signed bytes s,
-// as maddubs on |code| and s with the code's sign, which cannot saturate (2 * 128 * 127 < 2^15).
-#if !FQ_AVX512
-inline __m256i dps4(__m256i acc, __m256i c, __m256i s) {
-    const __m256i q = _mm256_xor_si256(c, _mm256_set1_epi8((char)0x80));
-    return dp4(acc, _mm256_abs_epi8(q), _mm256_sign_epi8(s, q));
-}
-inline VI v_dpbssd(VI acc, VI c, VI s) { return VI{dps4(acc.a, c.a, s.a), dps4(acc.b, c.b, s.b)}; }
 #endif
 
 inline float f16_to_f32(uint16_t h) { return _cvtsh_ss(h); }
