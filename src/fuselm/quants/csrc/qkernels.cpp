@@ -347,9 +347,9 @@ void linear(const uint8_t* W, int64_t N, int64_t K, const void* x, int bf16, int
 #pragma omp parallel for schedule(dynamic, 1)
     for (int64_t c = 0; c < (groups + chunk - 1) / chunk; c++) {
         const int64_t g0 = c * chunk, g1 = std::min(groups, g0 + chunk);
-        // M <= 4: one pass; more rows: chunks of 4 rows per group while its tiles are in L1/L2, so the
-        // weights still come from memory once
-        const int64_t step = M <= 4 ? g1 - g0 : 1;
+        // M <= 4: one pass; more rows: chunks of 4 rows over 4 groups at a time while their tiles are in L2
+        // (<= 300 KiB at K = 5632), so the weights still come from memory once
+        const int64_t step = M <= 4 ? g1 - g0 : 4;
         for (int64_t g = g0; g < g1; g += step) {
             const int64_t ge = std::min(g1, g + step);
             for (int64_t m0 = 0; m0 < M; m0 += 4) {
