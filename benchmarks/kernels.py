@@ -152,7 +152,7 @@ def bench_batch(qtype: str, n: int, k: int, ms: list[int], reps: int) -> str:
     for m in ms:
         for dtype in (torch.float32, torch.bfloat16) if m == 1 else (torch.float32,):
             x = torch.randn(m, k).to(dtype)
-            best, _ = timed(lambda: layers[next(it) % copies](x), reps * 2)
+            best, _ = timed(lambda x=x: layers[next(it) % copies](x), reps * 2)
             label = f"M={m:<2d}" + (" bf16 in" if dtype == torch.bfloat16 else "")
             cells.append(f"{label} {best * 1e3:6.3f} ms {data.numel() / best / 1e9:5.1f} GB/s {m / best:8.0f} rows/s")
     return f"{qtype:7s} {n:5d}x{k:<5d} batched GEMV | " + " | ".join(cells)
