@@ -18,7 +18,8 @@ Times are the best of --reps runs: other processes on a shared machine only ever
 dim 2048, ffn 5632, 4 KV heads, vocab 32000; Q4_K_M with llama.cpp's mix: Q6_K for attn_v / ffn_down on the
 "more bits" layers and for the output), called in model order with M=1: matmul-only tokens per second, the
 part of decode this module owns (attention, norms and Python overhead come on top); "fused" stacks q/k/v
-(when of one type) and gate/up into one QuantLinear each.
+(when of one type) and gate/up into one QuantLinear each; each with float32 activations in and out (the
+float32 residual stream) and with bf16 ones (the old default).
 
 `--batch 1,2,4,8,16` adds batched decode (what the serving engine runs, one row per sequence): one GEMV on M
 activation rows, weights streamed from DRAM, per type at 5632x2048: ms per call, weight GB/s (each weight
@@ -211,7 +212,7 @@ def stack_types(ftype: str, n_layer: int = 22) -> list[tuple[str, int, int, str]
     return [(name.split(".")[-2], *shape, types[name]) for name, shape in tensors if name != "token_embd.weight"]
 
 
-def bench_stack(ftype: str, reps: int, fuse: bool) -> str:
+def bench_stack(ftype: str, reps: int, fuse: bool, dtype: torch.dtype = torch.float32) -> str:
     """fuse: q/k/v (when of one type) and gate/up as one QuantLinear each, as a model can load them."""
     cache: dict[tuple[str, int, int], torch.Tensor] = {}
 
@@ -232,7 +233,7 @@ def bench_stack(ftype: str, reps: int, fuse: bool) -> str:
     groups.append([mats[-1]])
     layers = [QuantLinear([part(n, k, t) for _, n, k, t in g]) for g in groups]
     nbytes = sum(p.nbytes for layer in layers for p in layer.parts)
-    xs = {k: torch.randn(1, k) for k in (2048, 5632)}
+    xs = {k: torch.randn(1, k).to(dtype) for k in (2048, 5632)}
 
     def step() -> None:
         for layer in layers:
@@ -240,7 +241,8 @@ def bench_stack(ftype: str, reps: int, fuse: bool) -> str:
 
     best, med = timed(step, reps)
     return (
-        f"stack {ftype:7s} {'fused' if fuse else 'plain'} {len(layers)} matmuls, {nbytes / 1e6:.0f} MB: "
+        f"stack {ftype:7s} {'fused' if fuse else 'plain'} {str(dtype)[6:]:8s} in, {len(layers)} matmuls, "
+        f"{nbytes / 1e6:.0f} MB: "
         f"{best * 1e3:.1f} ms/token (median {med * 1e3:.1f}) = {1 / best:.1f} tok/s matmul-only, "
         f"{nbytes / best / 1e9:.1f} GB/s"
     )
@@ -265,7 +267,8 @@ def main() -> None:
             print(bench_batch(qtype.strip().upper(), *SHAPES[0], ms, args.reps), flush=True)
     for ftype in filter(None, args.stack.split(",")):
         for fuse in (False, True):
-            print(bench_stack(ftype.strip().upper(), args.reps, fuse), flush=True)
+            for dtype in (torch.float32, torch.bfloat16):  # the float32 residual stream vs the old bf16 one
+                print(bench_stack(ftype.strip().upper(), args.reps, fuse, dtype), flush=True)
     for n, k in [] if args.no_single else SHAPES:
         if not args.no_reference:
             for row in reference_rows(n, k, args.reps):
