@@ -111,6 +111,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.fq_repack.argtypes = [cint, ptr, i64, i64, ptr]
     lib.fq_linear.restype = cint
     lib.fq_linear.argtypes = [cint, ptr, i64, i64, ptr, cint, i64, i64, ptr, cint, i64, ptr]
+    lib.fq_decode_attention.restype = cint
+    f32 = ctypes.c_float
+    lib.fq_decode_attention.argtypes = [ptr, ptr, ptr, cint, i64, i64, i64, i64, i64, i64, i64, ptr, f32, ptr]
     lib.fq_dequant.restype = cint
     lib.fq_dequant.argtypes = [cint, ptr, i64, i64, i64, ptr, i64, cint]
 

@@ -633,3 +633,5 @@ int fq_dequant(int type, const uint8_t* W, int64_t n0, int64_t n1, int64_t K, vo
     return 0;
 }
 }
+
+#include "attention.h"  // fq_decode_attention
