@@ -11,14 +11,24 @@
 // in dword lane r, four consecutive codes of row r.
 #pragma once
 
+#include <omp.h>
 #include <stdint.h>
 #include <string.h>
+
+#include <algorithm>
 
 #include "simd.h"
 
 namespace fq {
 
 constexpr int R = 16;  // rows per tile
+
+// Work is handed out in chunks of 16-row groups, a few per thread, on demand (OpenMP dynamic schedule): when
+// another process holds one core, the thread that shares it takes fewer chunks instead of holding up the call.
+// A chunk is always computed whole by one thread, so results do not depend on who takes it.
+inline int64_t chunk_groups(int64_t groups) {
+    return std::max<int64_t>(1, groups / (4 * (int64_t)omp_get_max_threads()));
+}
 
 inline uint32_t rd32(const uint8_t* p) {
     uint32_t v;
