@@ -1,19 +1,21 @@
 """QuantLinear: a linear layer that computes straight from GGML-quantized weights.
 
 Paths:
-- CPU "native" (x86-64 with AVX-512 VNNI/VBMI; csrc/qkernels.cpp through ctypes, see kernel_build.py).
-  At construction the ggml bytes are repacked once into 16-row interleaved tiles of the same size (rows
-  padded to a multiple of 16), in huge-page memory (kernel_memory.huge_page_buffer). When the source is a
-  memory-mapped file its pages are then dropped from the resident set, so resident memory stays at the file
-  size (plus at most 15 padding rows).
-  - decode, M <= DECODE_MAX_ROWS activation rows: integer-code GEMV with 16-bit activations.
+- CPU "native" (x86-64 with AVX-512 VNNI/VBMI, or AVX2 + FMA + F16C; csrc/qkernels.cpp through ctypes, see
+  kernel_build.py). At construction the ggml bytes are repacked once into 16-row interleaved tiles of the same
+  size (rows padded to a multiple of 16), in huge-page memory (kernel_memory.huge_page_buffer). When the source
+  is a memory-mapped file its pages are then dropped from the resident set, so resident memory stays at the
+  file size (plus at most 15 padding rows).
+  - decode, M <= DECODE_MAX_ROWS activation rows (float32 or bf16 in, the same dtype out): integer-code GEMV
+    with 16-bit activations, every weight read once for all M rows; row i's result does not depend on M.
     Error vs float64 `x @ dequantize(W).T`: ~2e-5 of max |y| (bound 1e-4): activations rounded to 2^-16 of
     each 32-block's max |x|, float32 accumulation. llama.cpp rounds activations to 8 bits (~100x coarser).
-  - prefill, more rows: weights decoded to fp16 in row tiles, then an fp16 GEMM (oneDNN), output in fp16.
-    Error: fp16 rounding of weights, activations and outputs, ~4e-4 of max |y| (bound 4e-3). Where fp16 would
-    overflow (|x| >= 6e4 or an infinite output) the same runs in bf16 (~4e-3, bound 2e-2).
+  - prefill, more rows: weights decoded in row tiles to the GEMM dtype this CPU runs best for its accuracy
+    (gemm_dtype.prefill_dtype: float32, fp16 or bf16), then torch's GEMM. Error: float32 ~3e-7 of max |y|;
+    fp16 ~4e-4 (bound 4e-3), and where fp16 would overflow (|x| >= 6e4 or an infinite output) the same runs
+    in bf16; bf16 ~4e-3 (bound 2e-2).
   F16/BF16 rows are not repacked, only copied once into huge-page memory: an exact float32 GEMV for decode,
-  the fp16 (F16) or bf16 (BF16) GEMM on the rows as they are for prefill. F32: torch F.linear on the bytes
+  the chosen GEMM on the rows (used in place when the dtypes match) for prefill. F32: torch F.linear on the bytes
   viewed as float32.
 - CPU "torch": machines without the kernels, or types they lack (IQ4_XS): row tiles dequantized to float32
   on every call, then F.linear. Exact, slow; memory stays at the file size plus one tile.
