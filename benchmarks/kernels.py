@@ -18,7 +18,13 @@ Times are the best of --reps runs: other processes on a shared machine only ever
 dim 2048, ffn 5632, 4 KV heads, vocab 32000; Q4_K_M with llama.cpp's mix: Q6_K for attn_v / ffn_down on the
 "more bits" layers and for the output), called in model order with M=1: matmul-only tokens per second, the
 part of decode this module owns (attention, norms and Python overhead come on top); "fused" stacks q/k/v
-(when of one type) and gate/up into one QuantLinear each.
+(when of one type) and gate/up into one QuantLinear each; each with float32 activations in and out (the
+float32 residual stream) and with bf16 ones (the old default).
+
+`--batch 1,2,4,8,16` adds batched decode (what the serving engine runs, one row per sequence): one GEMV on M
+activation rows, weights streamed from DRAM, per type at 5632x2048: ms per call, weight GB/s (each weight
+read once per call for all M rows) and rows*calls per second (aggregate throughput, which should grow with M);
+float32 activations (the default residual stream), and at M=1 also bf16 activations for comparison.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ import torch
 from gguf import GGMLQuantizationType
 
 from fuselm.quants import quantize
+from fuselm.quants.gemm_dtype import prefill_dtype
+from fuselm.quants.kernel_build import kernel_isa
 from fuselm.quants.kernels import QuantLinear, set_threads
 from fuselm.quants.mixes import plan_types
 from fuselm.quants.tensor import QuantizedWeight
@@ -135,6 +143,22 @@ def bench_type(qtype: str, n: int, k: int, reps: int) -> str:
     )
 
 
+def bench_batch(qtype: str, n: int, k: int, ms: list[int], reps: int) -> str:
+    data, _ = make_weight(qtype, n, k)
+    copies = max(2, COLD_BYTES // data.numel())
+    pool = data.unsqueeze(0).expand(copies, *data.shape).contiguous()
+    layers = [QuantLinear(QuantizedWeight(pool[i], qtype, (n, k))) for i in range(copies)]
+    it = iter(range(1 << 30))
+    cells = []
+    for m in ms:
+        for dtype in (torch.float32, torch.bfloat16) if m == 1 else (torch.float32,):
+            x = torch.randn(m, k).to(dtype)
+            best, _ = timed(lambda x=x: layers[next(it) % copies](x), reps * 2)
+            label = f"M={m:<2d}" + (" bf16 in" if dtype == torch.bfloat16 else "")
+            cells.append(f"{label} {best * 1e3:6.3f} ms {data.numel() / best / 1e9:5.1f} GB/s {m / best:8.0f} rows/s")
+    return f"{qtype:7s} {n:5d}x{k:<5d} batched GEMV | " + " | ".join(cells)
+
+
 def layers_backend(qtype: str) -> str:
     from fuselm.quants.kernels import _default_backend
 
@@ -188,7 +212,7 @@ def stack_types(ftype: str, n_layer: int = 22) -> list[tuple[str, int, int, str]
     return [(name.split(".")[-2], *shape, types[name]) for name, shape in tensors if name != "token_embd.weight"]
 
 
-def bench_stack(ftype: str, reps: int, fuse: bool) -> str:
+def bench_stack(ftype: str, reps: int, fuse: bool, dtype: torch.dtype = torch.float32) -> str:
     """fuse: q/k/v (when of one type) and gate/up as one QuantLinear each, as a model can load them."""
     cache: dict[tuple[str, int, int], torch.Tensor] = {}
 
@@ -209,7 +233,7 @@ def bench_stack(ftype: str, reps: int, fuse: bool) -> str:
     groups.append([mats[-1]])
     layers = [QuantLinear([part(n, k, t) for _, n, k, t in g]) for g in groups]
     nbytes = sum(p.nbytes for layer in layers for p in layer.parts)
-    xs = {k: torch.randn(1, k) for k in (2048, 5632)}
+    xs = {k: torch.randn(1, k).to(dtype) for k in (2048, 5632)}
 
     def step() -> None:
         for layer in layers:
@@ -217,7 +241,8 @@ def bench_stack(ftype: str, reps: int, fuse: bool) -> str:
 
     best, med = timed(step, reps)
     return (
-        f"stack {ftype:7s} {'fused' if fuse else 'plain'} {len(layers)} matmuls, {nbytes / 1e6:.0f} MB: "
+        f"stack {ftype:7s} {'fused' if fuse else 'plain'} {str(dtype)[6:]:8s} in, {len(layers)} matmuls, "
+        f"{nbytes / 1e6:.0f} MB: "
         f"{best * 1e3:.1f} ms/token (median {med * 1e3:.1f}) = {1 / best:.1f} tok/s matmul-only, "
         f"{nbytes / best / 1e9:.1f} GB/s"
     )
@@ -231,13 +256,19 @@ def main() -> None:
     ap.add_argument("--no-reference", action="store_true", help="skip the torch reference rows")
     ap.add_argument("--stack", default="", help="comma list of Q4_K_M, Q8_0, Q4_0, F16: TinyLlama decode matmuls")
     ap.add_argument("--no-single", action="store_true", help="skip the single-matmul table")
+    ap.add_argument("--batch", default="", help="comma list of row counts M for the batched-GEMV table")
     args = ap.parse_args()
     set_threads(args.threads)
     torch.manual_seed(0)
-    print(f"threads={args.threads}  torch {torch.__version__}")
+    print(f"threads={args.threads}  torch {torch.__version__}  kernels {kernel_isa()}  prefill GEMM {prefill_dtype()}")
+    if args.batch:
+        ms = [int(v) for v in args.batch.split(",")]
+        for qtype in args.types.split(","):
+            print(bench_batch(qtype.strip().upper(), *SHAPES[0], ms, args.reps), flush=True)
     for ftype in filter(None, args.stack.split(",")):
         for fuse in (False, True):
-            print(bench_stack(ftype.strip().upper(), args.reps, fuse), flush=True)
+            for dtype in (torch.float32, torch.bfloat16):  # the float32 residual stream vs the old bf16 one
+                print(bench_stack(ftype.strip().upper(), args.reps, fuse, dtype), flush=True)
     for n, k in [] if args.no_single else SHAPES:
         if not args.no_reference:
             for row in reference_rows(n, k, args.reps):

@@ -1,16 +1,18 @@
 """Build and load fuselm's native CPU kernels (csrc/qkernels.cpp) as a plain shared library, through ctypes.
 
 The library has no torch headers, so it compiles in seconds with the system C++ compiler (`CXX`, else g++ or
-c++), with -march=native. It is built on first use and cached under `$FUSELM_CACHE_DIR` (default
-`~/.cache/fuselm/kernels`), keyed by the source, the compiler and the CPU, so a new machine rebuilds it.
+c++), with -march=native: the vector width follows the CPU it runs on (AVX-512 VNNI/VBMI, else AVX2 + FMA +
+F16C; `kernel_isa()` says which). It is built on first use and cached under `$FUSELM_CACHE_DIR` (default
+`~/.cache/fuselm/kernels`), keyed by the sources, the flags, the compiler and the CPU, so a new machine
+rebuilds it.
 `python -m fuselm.quants.kernel_build` builds it ahead of time (for `make`).
 
 It links libgomp, which resolves to the one torch has already loaded: kernel threads and torch threads
 are the same OpenMP pool, and torch.set_num_threads sets both.
 
-Where the CPU lacks AVX-512 VNNI/VBMI/BITALG or no compiler works, `native_library()` returns None and the
-reason is in `native_unavailable_reason()`; QuantLinear then runs a plain torch path.
-`FUSELM_KERNELS=torch` forces that path.
+Where the CPU lacks AVX2/FMA/F16C or no compiler works, `native_library()` returns None and the reason is in
+`native_unavailable_reason()`; QuantLinear then runs a plain torch path. `FUSELM_KERNELS=torch` forces that
+path; `FUSELM_KERNELS=avx2` builds the AVX2 kernels even on an AVX-512 CPU (to test the portable build).
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ from pathlib import Path
 import torch  # noqa: F401  (loads torch's libgomp first, so the kernels share its OpenMP runtime)
 
 SOURCE = Path(__file__).parent / "csrc" / "qkernels.cpp"
+HEADERS = tuple(sorted((Path(__file__).parent / "csrc").glob("*.h")))
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
-ABI_VERSION = 3  # fq_version() of the source this module was written against
+AVX2_ONLY = ["-mno-avx512f"]  # FUSELM_KERNELS=avx2: no AVX-512 code at all, as on an AVX2-only CPU
+ABI_VERSION = 4  # fq_version() of the source this module was written against
 
 _reason: str | None = None
 
@@ -59,23 +63,28 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fuselm" / "kernels"
 
 
+def _flags() -> list[str]:
+    return FLAGS + (AVX2_ONLY if os.environ.get("FUSELM_KERNELS", "").lower() == "avx2" else [])
+
+
 def build(verbose: bool = False) -> Path:
     """Compile the kernels if needed; the path of the shared library. Raises RuntimeError on failure."""
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(
-        SOURCE.read_bytes() + version.encode() + " ".join(FLAGS).encode() + _cpu_key().encode()
-    ).hexdigest()[:16]
-    out = cache_dir() / f"libfuselm_qkernels-{key}.so"
+    flags = _flags()
+    sources = SOURCE.read_bytes() + b"".join(h.read_bytes() for h in HEADERS)
+    key = hashlib.sha256(sources + version.encode() + " ".join(flags).encode() + _cpu_key().encode()).hexdigest()[:16]
+    variant = "avx2" if AVX2_ONLY[0] in flags else "native"
+    out = cache_dir() / f"libfuselm_qkernels-{variant}-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     # compile to a private name, then rename: concurrent builders (pytest-xdist workers) never see half a file
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
-    cmd = [cxx, *FLAGS, str(SOURCE), "-o", tmp]
+    cmd = [cxx, *flags, str(SOURCE), "-o", tmp]
     if verbose:
         print(" ".join(cmd), file=sys.stderr)
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -84,7 +93,7 @@ def build(verbose: bool = False) -> Path:
         tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
         raise RuntimeError(f"compiling {SOURCE.name} failed:\n{tail}")
     os.replace(tmp, out)
-    for stale in out.parent.glob("libfuselm_qkernels-*.so"):  # builds of older sources or other CPUs
+    for stale in out.parent.glob(f"libfuselm_qkernels-{variant}-*.so"):  # older sources or other CPUs
         if stale != out:
             stale.unlink(missing_ok=True)
     return out
@@ -96,10 +105,15 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.fq_version.argtypes = []
     lib.fq_tile_rows.restype = cint
     lib.fq_tile_rows.argtypes = []
+    lib.fq_isa.restype = cint
+    lib.fq_isa.argtypes = []
     lib.fq_repack.restype = cint
     lib.fq_repack.argtypes = [cint, ptr, i64, i64, ptr]
     lib.fq_linear.restype = cint
     lib.fq_linear.argtypes = [cint, ptr, i64, i64, ptr, cint, i64, i64, ptr, cint, i64, ptr]
+    lib.fq_decode_attention.restype = cint
+    f32 = ctypes.c_float
+    lib.fq_decode_attention.argtypes = [ptr, ptr, ptr, cint, i64, i64, i64, i64, i64, i64, i64, ptr, f32, ptr]
     lib.fq_dequant.restype = cint
     lib.fq_dequant.argtypes = [cint, ptr, i64, i64, i64, ptr, i64, cint]
 
@@ -125,6 +139,14 @@ def native_library() -> ctypes.CDLL | None:
         _reason = f"kernel library version {lib.fq_version()} != {ABI_VERSION}"
         return None
     return lib
+
+
+def kernel_isa() -> str | None:
+    """The vector extension the loaded kernels were built for ("avx512" or "avx2"), None without kernels."""
+    lib = native_library()
+    if lib is None:
+        return None
+    return "avx512" if lib.fq_isa() == 512 else "avx2"
 
 
 def native_unavailable_reason() -> str | None:

@@ -1,19 +1,21 @@
 """QuantLinear: a linear layer that computes straight from GGML-quantized weights.
 
 Paths:
-- CPU "native" (x86-64 with AVX-512 VNNI/VBMI; csrc/qkernels.cpp through ctypes, see kernel_build.py).
-  At construction the ggml bytes are repacked once into 16-row interleaved tiles of the same size (rows
-  padded to a multiple of 16), in huge-page memory (kernel_memory.huge_page_buffer). When the source is a
-  memory-mapped file its pages are then dropped from the resident set, so resident memory stays at the file
-  size (plus at most 15 padding rows).
-  - decode, M <= DECODE_MAX_ROWS activation rows: integer-code GEMV with 16-bit activations.
+- CPU "native" (x86-64 with AVX-512 VNNI/VBMI, or AVX2 + FMA + F16C; csrc/qkernels.cpp through ctypes, see
+  kernel_build.py). At construction the ggml bytes are repacked once into 16-row interleaved tiles of the same
+  size (rows padded to a multiple of 16), in huge-page memory (kernel_memory.huge_page_buffer). When the source
+  is a memory-mapped file its pages are then dropped from the resident set, so resident memory stays at the
+  file size (plus at most 15 padding rows).
+  - decode, M <= DECODE_MAX_ROWS activation rows (float32 or bf16 in, the same dtype out): integer-code GEMV
+    with 16-bit activations, every weight read once for all M rows; row i's result does not depend on M.
     Error vs float64 `x @ dequantize(W).T`: ~2e-5 of max |y| (bound 1e-4): activations rounded to 2^-16 of
     each 32-block's max |x|, float32 accumulation. llama.cpp rounds activations to 8 bits (~100x coarser).
-  - prefill, more rows: weights decoded to fp16 in row tiles, then an fp16 GEMM (oneDNN), output in fp16.
-    Error: fp16 rounding of weights, activations and outputs, ~4e-4 of max |y| (bound 4e-3). Where fp16 would
-    overflow (|x| >= 6e4 or an infinite output) the same runs in bf16 (~4e-3, bound 2e-2).
+  - prefill, more rows: weights decoded in row tiles to the GEMM dtype this CPU runs best for its accuracy
+    (gemm_dtype.prefill_dtype: float32, fp16 or bf16), then torch's GEMM. Error: float32 ~3e-7 of max |y|;
+    fp16 ~4e-4 (bound 4e-3), and where fp16 would overflow (|x| >= 6e4 or an infinite output) the same runs
+    in bf16; bf16 ~4e-3 (bound 2e-2).
   F16/BF16 rows are not repacked, only copied once into huge-page memory: an exact float32 GEMV for decode,
-  the fp16 (F16) or bf16 (BF16) GEMM on the rows as they are for prefill. F32: torch F.linear on the bytes
+  the chosen GEMM on the rows (used in place when the dtypes match) for prefill. F32: torch F.linear on the bytes
   viewed as float32.
 - CPU "torch": machines without the kernels, or types they lack (IQ4_XS): row tiles dequantized to float32
   on every call, then F.linear. Exact, slow; memory stays at the file size plus one tile.
@@ -38,6 +40,7 @@ from torch import nn
 
 from fuselm.errors import FuselmError
 from fuselm.quants.codecs import dequantize
+from fuselm.quants.gemm_dtype import prefill_dtype
 from fuselm.quants.ggml_types import ggml_type
 from fuselm.quants.kernel_build import native_library
 from fuselm.quants.kernel_memory import drop_file_pages, huge_page_buffer
@@ -64,18 +67,20 @@ def set_threads(n: int) -> None:
 
 
 class _Scratch(threading.local):
-    """A growing 16-bit buffer for prefill weight tiles, one per thread, shared by all layers."""
+    """A growing byte buffer for prefill weight tiles, one per thread, shared by all layers."""
 
     def __init__(self) -> None:
-        self.buf = torch.empty(0, dtype=torch.int16)
+        self.buf = torch.empty(0, dtype=torch.uint8)
 
-    def get(self, numel: int) -> torch.Tensor:
-        if self.buf.numel() < numel:
-            self.buf = torch.empty(numel, dtype=torch.int16)
-        return self.buf[:numel]
+    def get(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        nbytes = numel * dtype.itemsize
+        if self.buf.numel() < nbytes:
+            self.buf = torch.empty(nbytes, dtype=torch.uint8)
+        return self.buf[:nbytes].view(dtype)
 
 
 _scratch = _Scratch()
+_DEQUANT_KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}  # fq_dequant's output kinds
 
 
 # ------------------------------------------------------------------------------------------------- native calls
@@ -94,22 +99,22 @@ def _native_gemv(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, t
 
 
 def _weight_tiles(w: torch.Tensor, type_id: int, n: int, k: int, dtype: torch.dtype):
-    """(row0, row1, weights [row1 - row0, k] in dtype (fp16 or bf16)) covering all n rows. F16/BF16 rows of
-    the same dtype are used in place; anything else is decoded into the shared scratch."""
+    """(row0, row1, weights [row1 - row0, k] in dtype (float32, fp16 or bf16)) covering all n rows. F16/BF16
+    rows of the same dtype are used in place; anything else is decoded into the shared scratch."""
     dense = {NATIVE_TYPES["F16"]: torch.float16, NATIVE_TYPES["BF16"]: torch.bfloat16}.get(type_id)
-    step = max(16, min(n, TILE_BYTES // (2 * k)) // 16 * 16)  # whole 16-row tiles
+    step = max(16, min(n, TILE_BYTES // (dtype.itemsize * k)) // 16 * 16)  # whole 16-row tiles
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
         if dense is not None:
             rows = w[r0:r1].view(dense)
             if dense != dtype:
-                rows = _scratch.get((r1 - r0) * k).view(r1 - r0, k).view(dtype).copy_(rows)
+                rows = _scratch.get((r1 - r0) * k, dtype).view(r1 - r0, k).copy_(rows)
             yield r0, r1, rows
             continue
         # rows K + 32 apart: at a power-of-two stride the 16 rows a tile writes at once share one L1 set
         ld = k + 32
-        tile = _scratch.get((r1 - r0) * ld).view(dtype).view(r1 - r0, ld)[:, :k]
-        rc = native_library().fq_dequant(type_id, w.data_ptr(), r0, r1, k, tile.data_ptr(), ld, dtype == torch.float16)
+        tile = _scratch.get((r1 - r0) * ld, dtype).view(r1 - r0, ld)[:, :k]
+        rc = native_library().fq_dequant(type_id, w.data_ptr(), r0, r1, k, tile.data_ptr(), ld, _DEQUANT_KIND[dtype])
         if rc != 0:
             raise FuselmError(f"QuantLinear: native dequantize failed for ggml type {type_id} (code {rc})")
         yield r0, r1, tile
@@ -129,15 +134,18 @@ def _gemm(x2: torch.Tensor, w: torch.Tensor, type_id: int, n: int, dtype: torch.
 
 
 def _native_prefill(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, type_id: int, n: int):
-    # fp16 carries 3 more mantissa bits than bf16 at the same GEMM speed; its range (65504) is checked on the
-    # way in and out, and bf16 takes over where it would overflow. BF16 weights stay bf16.
+    # the GEMM dtype this CPU runs fastest for its accuracy (gemm_dtype.py). fp16's range (65504) is checked
+    # on the way in and out, and bf16 takes over where it would overflow; BF16 weights never go through fp16.
+    dtype = prefill_dtype()
+    if dtype == torch.float16 and type_id == NATIVE_TYPES["BF16"]:
+        dtype = torch.bfloat16
     y = None
-    if type_id != NATIVE_TYPES["BF16"] and float(x2.abs().max()) < 6e4:
+    if dtype == torch.float16 and float(x2.abs().max()) < 6e4:
         y = _gemm(x2, w, type_id, n, torch.float16)
         if not math.isfinite(float(y.sum(dtype=torch.float32))):  # any inf (or nan) shows in the sum; 10x faster
             y = None
     if y is None:
-        y = _gemm(x2, w, type_id, n, torch.bfloat16)
+        y = _gemm(x2, w, type_id, n, torch.bfloat16 if dtype == torch.float16 else dtype)
     if bias is not None:
         y = y.float().add_(bias)
     return y.to(x2.dtype)
