@@ -318,11 +318,14 @@ def test_cli_passkey_ppl_compare(tmp_path, capsys):
 
 def test_cli_demo_eval_dispatch(monkeypatch):
     """One spelling: `fuselm demo eval ARGS` parses with the quality module's own arguments and runs it."""
+    from fuselm.cli import main
     from fuselm.demo import quality
 
     got = []
     monkeypatch.setattr(quality, "run", lambda args: got.append(args) or 0)
-    assert run_cli(["demo", "eval", "--n", "3", "--seed", "2"]) == 0
+    assert main(["demo", "eval", "--n", "3", "--seed", "2"]) == 0
     assert (got[0].n, got[0].seed) == (3, 2)
     with pytest.raises(SystemExit):
-        run_cli(["eval", "demo"])  # the old spelling is gone
+        main(["eval", "demo"])  # the old spellings are gone
+    with pytest.raises(SystemExit):
+        main(["eval-demo"])

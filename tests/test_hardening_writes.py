@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from fuselm import archs
-from fuselm.config import ModelConfig
+from fuselm.archs import write_gguf
+from fuselm.config import ModelConfig, expected_shapes
 from fuselm.errors import FuselmError
 from fuselm.formats.atomic import atomic_write, clean_stale_partials
 from fuselm.formats.gguf import (
@@ -22,7 +23,6 @@ from fuselm.formats.gguf import (
     companion_path,
     read_companion,
     read_gguf,
-    write_gguf,
     write_vqgan_gguf,
 )
 from fuselm.formats.hf import write_hf_dir
@@ -36,7 +36,8 @@ VQ = ({"embed_dim": 4}, {"quantize.embedding.weight": torch.ones(8, 4)})
 CHILD = textwrap.dedent("""
     import os, sys, time, torch
     from fuselm import archs
-    from fuselm.formats import atomic, gguf as G
+    from fuselm import archs as G
+    from fuselm.formats import atomic
     from tests.test_hardening_writes import CONFIG, VQ, tensors
     point, out = sys.argv[1], sys.argv[2]
 
@@ -65,7 +66,7 @@ CHILD = textwrap.dedent("""
 
 def tensors() -> dict[str, tuple]:
     g = torch.Generator().manual_seed(0)
-    state = {n: torch.randn(s, generator=g) for n, s in archs.expected_shapes(CONFIG).items()}
+    state = {n: torch.randn(s, generator=g) for n, s in expected_shapes(CONFIG).items()}
     return {n: (t, "F32") for n, t in archs.internal_to_gguf(CONFIG, state).items()}
 
 

@@ -59,9 +59,16 @@ def cmd_bench(args) -> int:
         set_threads(args.threads)
     model = load(args.model, dtype=args.dtype)
     r = run_bench(model, args.prompt_tokens, args.gen_tokens, repeats=args.repeats)
+    from ..quants.gemm_dtype import prefill_dtype
+    from ..quants.kernel_build import kernel_isa
+
     r["model"] = str(args.model)
     r["file_type"] = model.file_type
+    mode = str(model.transformer.dtype).replace("torch.", "")
+    r["accuracy_mode"] = f"{mode} residual" + (" (float32 is the default)" if mode != "float32" else "")
+    r["kernels"], r["prefill_gemm"] = kernel_isa(), str(prefill_dtype()).replace("torch.", "")
     print(f"model {args.model} ({model.file_type}), {r['threads']} threads")
+    print(f"accuracy mode: {r['accuracy_mode']}; kernels {r['kernels']}, prefill GEMM in {r['prefill_gemm']}")
     print(f"prefill {args.prompt_tokens} tokens: {r['prefill_tok_s']:.1f} tok/s")
     print(f"decode  {args.gen_tokens} tokens: {r['decode_tok_s']:.1f} tok/s")
     print(f"peak RSS: {r['peak_rss_mb']:.0f} MiB")

@@ -63,8 +63,11 @@ def load(path: str | Path | None = None, *, dtype=None, device: str = "cpu", rop
     elif config.rope_scaling is not None:
         normalize_rope_scaling(config.rope_scaling, source=str(source.path))
     state, modules, consumed = source.state, {}, set()
+    if source.kind == "gguf":
+        # llama.cpp's accuracy: a float32 residual stream (norms, softmax, KV cache in float32); the kernels round
+        # only what enters each quantized dot product. --dtype bfloat16 is the explicit fast mode.
+        target = target or torch.float32
     if source.qtypes:
-        target = target or torch.bfloat16
         modules, consumed = quantized_modules(config, state, source.qtypes, source.row_orders, target, dense=False)
     target = target or _default_dtype(state, source.kind)
     state = check_state_dict(config, state, str(source.path), lambda n: _display_name(source, n), provided=consumed)
@@ -82,13 +85,9 @@ def _display_name(source: ModelSource, name: str) -> str:
 
 
 def _default_dtype(state: dict[str, torch.Tensor], kind: str) -> torch.dtype:
-    """Keep the checkpoint's float dtype (so weights stay memory-mapped), float32 if mixed; float16 GGUF
-    matrices compute in bfloat16 (float16 matmuls are slow on CPUs; bfloat16 keeps the range and uses AMX)."""
-    dtypes = {t.dtype for t in state.values() if t.is_floating_point() and (kind != "gguf" or t.ndim == 2)}
-    if len(dtypes) != 1:
-        return torch.float32
-    d = dtypes.pop()
-    return torch.bfloat16 if kind == "gguf" and d == torch.float16 else d
+    """HF and Meta checkpoints keep their float dtype (so weights stay memory-mapped), float32 if mixed."""
+    dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
 
 def _tokenizer(source: ModelSource) -> Tokenizer | None:
