@@ -21,7 +21,6 @@ from fuselm.formats.gguf_read import read_gguf
 from fuselm.formats.gguf_write import plan_tensor, write_file
 
 DEMO = Path(fuselm.__file__).parent / "demo" / "weights"
-LEAD = pytest.mark.xfail(strict=True, reason="escape in archs/loader/tokenizer/generation code (issue 11 rewrite)")
 
 
 def _demo_copy(tmp_path: Path) -> Path:
@@ -46,19 +45,19 @@ def _load_and_generate(path: Path) -> None:
 
 
 @pytest.mark.parametrize("key,value", [
-    pytest.param("chameleon.attention.head_count", "4", marks=LEAD),
-    pytest.param("chameleon.vocab_size", "", marks=LEAD),
-    pytest.param("chameleon.embedding_length", "x", marks=LEAD),
-    pytest.param("chameleon.block_count", 1.5, marks=LEAD),
-    pytest.param("chameleon.context_length", 0, marks=LEAD),
-    pytest.param("chameleon.attention.layer_norm_rms_epsilon", float("nan"), marks=LEAD),
-    pytest.param("chameleon.attention.head_count", 0, marks=LEAD),
-    pytest.param("tokenizer.ggml.tokens", 1.5, marks=LEAD),
-    pytest.param("tokenizer.ggml.bos_token_id", float("nan"), marks=LEAD),
-    pytest.param("tokenizer.ggml.eos_token_id", [1.5], marks=LEAD),
-    pytest.param("chameleon.attention.layer_norm_rms_epsilon", -1.0, marks=LEAD),
-    pytest.param("chameleon.rope.freq_base", "", marks=LEAD),
-    pytest.param("chameleon.context_length", True, marks=LEAD),
+    pytest.param("chameleon.attention.head_count", "4"),
+    pytest.param("chameleon.vocab_size", ""),
+    pytest.param("chameleon.embedding_length", "x"),
+    pytest.param("chameleon.block_count", 1.5),
+    pytest.param("chameleon.context_length", 0),
+    pytest.param("chameleon.attention.layer_norm_rms_epsilon", float("nan")),
+    pytest.param("chameleon.attention.head_count", 0),
+    pytest.param("tokenizer.ggml.tokens", 1.5),
+    pytest.param("tokenizer.ggml.bos_token_id", float("nan")),
+    pytest.param("tokenizer.ggml.eos_token_id", [1.5]),
+    pytest.param("chameleon.attention.layer_norm_rms_epsilon", -1.0),
+    pytest.param("chameleon.rope.freq_base", ""),
+    pytest.param("chameleon.context_length", True),
     ("chameleon_vqgan.config", "[1, 2]"),
 ])
 def test_wrong_gguf_values(tmp_path, key, value):
@@ -70,10 +69,10 @@ def test_wrong_gguf_values(tmp_path, key, value):
 
 
 @pytest.mark.parametrize("field,value,message", [
-    pytest.param("bos_token", [1, 2], r"tokenizer_config\.json.*'bos_token'", marks=LEAD),
+    pytest.param("bos_token", [1, 2], r"tokenizer_config\.json.*'bos_token'"),
     pytest.param("chat_template", "{% for i in range(10**9) %}x{% endfor %}",
-                 r"tokenizer_config\.json.*chat_template.*range\(\) of 1000000000 items", marks=LEAD),
-    pytest.param("add_bos_token", "yes", r"tokenizer_config\.json.*'add_bos_token'", marks=LEAD),
+                 r"tokenizer_config\.json.*chat_template.*range\(\) of 1000000000 items"),
+    pytest.param("add_bos_token", "yes", r"tokenizer_config\.json.*'add_bos_token'"),
 ])
 def test_wrong_tokenizer_config(tmp_path, field, value, message):
     demo = _demo_copy(tmp_path)
@@ -83,7 +82,6 @@ def test_wrong_tokenizer_config(tmp_path, field, value, message):
         _load_and_generate(demo / "demo.gguf")
 
 
-@LEAD
 def test_tokenizer_config_invalid_utf8(tmp_path):
     demo = _demo_copy(tmp_path)
     (demo / "tokenizer_config.json").write_bytes(b'{"bos_token": "\xff"}')
@@ -95,7 +93,6 @@ def test_tokenizer_config_invalid_utf8(tmp_path):
                                          ("intermediate_size", float("inf")), ("max_position_embeddings", "x"),
                                          ("hidden_size", 0), ("num_attention_heads", 0), ("hidden_size", []),
                                          ("vocab_size", 0), ("rope_parameters", float("nan"))])
-@LEAD
 def test_wrong_hf_config(tmp_path, field, value):
     from tiny_hf import make_llama
 
@@ -106,7 +103,6 @@ def test_wrong_hf_config(tmp_path, field, value):
         fuselm.load(directory)
 
 
-@LEAD
 def test_meta_params_invalid_utf8(tmp_path):
     (tmp_path / "params.json").write_bytes(b'{"model": {"dim": "\xff"}}')
     torch.save({}, tmp_path / "consolidated.pth")

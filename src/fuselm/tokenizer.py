@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
 
 from .errors import FuselmError
+from .formats.json_file import read_json_object
 
 
 class Tokenizer:
@@ -19,6 +19,7 @@ class Tokenizer:
         self.bos_id = self.token_to_id(bos_token) if bos_token else None
         self.eos_id = self.token_to_id(eos_token) if eos_token else None
         self.chat_template = chat_template
+        self.template_source = f"{source}: chat template"  # named in template errors
         # Whether encode() should prepend BOS when the backend's post-processor does not already do it.
         self.add_bos = add_bos
 
@@ -31,20 +32,29 @@ class Tokenizer:
             raise FuselmError(f"{path}: cannot read tokenizer ({err})") from None
         cfg: dict = {}
         if config_path is not None and Path(config_path).is_file():
-            try:
-                cfg = json.loads(Path(config_path).read_text(encoding="utf-8"))
-            except json.JSONDecodeError as err:
-                raise FuselmError(f"{config_path}: not valid JSON ({err})") from None
+            cfg = read_json_object(config_path)
+        where = str(config_path)
 
-        def token_str(value):
-            return value.get("content") if isinstance(value, dict) else value
+        def token_str(key: str) -> str | None:
+            value = cfg.get(key)
+            value = value.get("content") if isinstance(value, dict) else value
+            if value is not None and not isinstance(value, str):
+                raise FuselmError(f"{where}: key {key!r} is {value!r}; expected a token string")
+            return value
 
         template = cfg.get("chat_template")
         if isinstance(template, list):  # HF allows named templates; take "default"
-            named = {t.get("name"): t.get("template") for t in template}
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default") or next(iter(named.values()), None)
-        return cls(backend, bos_token=token_str(cfg.get("bos_token")), eos_token=token_str(cfg.get("eos_token")),
-                   chat_template=template, add_bos=cfg.get("add_bos_token"), source=str(path))
+        if template is not None and not isinstance(template, str):
+            raise FuselmError(f"{where}: key 'chat_template' must be a string (or a list of named templates)")
+        add_bos = cfg.get("add_bos_token")
+        if add_bos is not None and not isinstance(add_bos, bool):
+            raise FuselmError(f"{where}: key 'add_bos_token' is {add_bos!r}; expected true or false")
+        tok = cls(backend, bos_token=token_str("bos_token"), eos_token=token_str("eos_token"),
+                  chat_template=template, add_bos=add_bos, source=str(path))
+        tok.template_source = f"{where}: chat_template" if template is not None else tok.template_source
+        return tok
 
     @classmethod
     def from_dir(cls, directory: Path) -> Tokenizer | None:

@@ -184,7 +184,7 @@ def config_from_gguf(metadata: Mapping, source: str, tensors: Mapping[str, tuple
         o_bias=o_probe in names,
         mlp_bias=mlp_probe in names,
         tie_word_embeddings=bool(names) and "output.weight" not in names,
-        rope_theta=rope_base_from_gguf(metadata, arch),
+        rope_theta=rope_base_from_gguf(metadata, arch, source),
         rope_scaling=rope_scaling_from_gguf(metadata, arch),
         flashnorm=read_bool(metadata, FLASHNORM_KEY, source),
         bos_token_id=read_int(metadata, gguf.Keys.Tokenizer.BOS_ID, source, None, minimum=0, limit="vocab"),

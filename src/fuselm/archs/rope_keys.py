@@ -104,12 +104,14 @@ def _gguf_value(metadata: Mapping[str, Any], key: str) -> Any:
     return v
 
 
-def rope_base_from_gguf(metadata: Mapping[str, Any], arch: str) -> float:
+def rope_base_from_gguf(metadata: Mapping[str, Any], arch: str, source: str = "gguf") -> float:
     """The unscaled base (rope_theta) to put in RopeSpec: fuselm's original base for the ntk family, else
     `{arch}.rope.freq_base`, else llama.cpp's default 10000."""
     for key in (FUSELM_BASE, f"{arch}.rope.freq_base"):
         v = _gguf_value(metadata, key)
         if v is not None:
+            if not (finite_number(v) and v > 1):
+                raise FuselmError(f"{source}: GGUF key {key!r} is {v!r}; expected a number > 1")
             return float(v)
     return 10000.0
 

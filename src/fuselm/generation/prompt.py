@@ -49,7 +49,7 @@ def encode_prompt(model, prompt) -> tuple[list[int], tuple[str, ...]]:
     if is_chat(prompt):
         template, stops = chat_template_for(model)
         text = render(template, list(prompt), bos_token=tok.bos_token or "", eos_token=tok.eos_token or "",
-                      source=f"{model.source}: chat template")
+                      source=tok.template_source if tok.chat_template else "built-in chat template")
         return tok.encode(text, add_special_tokens=False), stops
     if isinstance(prompt, (list, tuple)) and all(isinstance(p, str) for p in prompt):
         return tok.encode("".join(prompt)), ()

@@ -22,6 +22,7 @@ import torch
 from ..archs.meta import QK_NORM_LAYOUTS, merge_meta_params, meta_to_internal
 from ..config import ModelConfig
 from ..errors import FuselmError
+from ..formats.json_file import read_json_object
 
 HELP_CONVERT = """\
 Convert Meta's original Chameleon release (consolidated*.pth + params.json) to an HF directory.
@@ -103,15 +104,7 @@ def find_meta_checkpoint(path: str | Path) -> MetaFiles:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise FuselmError(f"{path}: cannot read: {e}") from None
-    except json.JSONDecodeError as e:
-        raise FuselmError(f"{path}: not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise FuselmError(f"{path}: expected a JSON object")
-    return data
+    return read_json_object(path)
 
 
 def load_torch_weights(path: Path) -> dict[str, torch.Tensor]:
