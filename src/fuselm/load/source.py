@@ -8,6 +8,7 @@ read through it. GGUF tensors are either dequantized (writers) or kept as GGML b
 from __future__ import annotations
 
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,13 +17,15 @@ import numpy as np
 import torch
 
 from .. import archs
-from ..config import ModelConfig
+from ..config import ModelConfig, expected_shapes
 from ..errors import FuselmError
 from ..formats import gguf as gguf_format
 from ..formats import hf as hf_format
 from .paths import resolve_model_path
 
 PLAIN = ("F32", "F16", "BF16")
+# Internal names of the weights that run as matmuls (or embedding lookups): the only ones kept as GGML bytes.
+LINEAR = re.compile(r"(embed|lm_head|layers\.\d+\.(attn\.[qkvo]|mlp\.(gate|up|down)))\.weight")
 VQ_PREFIX = "model.vqmodel."  # where HF keeps Chameleon's VQGAN; the only place the prefix is handled
 
 
@@ -107,9 +110,15 @@ def _read_gguf(src: Path, check: bool, keep_quantized: bool, keep_16bit: bool) -
     if quantized and not keep_quantized:
         print(f"warning: {src} is quantized ({', '.join(quantized)}); its weights are dequantized, so a new "
               "quantization loses quality twice", file=sys.stderr)
-    as_bytes = {t.name for t in gf.tensors.values()
-                if (keep_quantized and t.type_name not in PLAIN)
-                or (keep_16bit and t.type_name in ("F16", "BF16") and len(t.shape) == 2)}
+    # Tensors are recognized by name and role, never by rank and dtype: only linear weights run from GGML bytes
+    # (a 16-bit qk-norm bias is a norm parameter, whatever its storage type).
+    linear = {archs.gguf_tensor_name(config, name) for name in expected_shapes(config) if LINEAR.fullmatch(name)}
+    as_bytes = {t.name for t in gf.tensors.values() if t.name in linear and (
+        (keep_quantized and t.type_name not in PLAIN) or (keep_16bit and t.type_name in ("F16", "BF16")))}
+    misplaced = sorted(t.name for t in gf.tensors.values() if t.type_name not in PLAIN and t.name not in linear)
+    if misplaced:
+        raise FuselmError(f"{src}: tensor {misplaced[0]!r} is stored as {gf.tensors[misplaced[0]].type_name}; "
+                          "only the linear weights of a model may be quantized (norms and biases are F32/F16/BF16)")
     tensors: dict[str, torch.Tensor] = {}
     for name, t in gf.tensors.items():
         if name in as_bytes:  # GGML bytes [rows, row_bytes]: row permutations and splits work on them unchanged
