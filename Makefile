@@ -12,7 +12,7 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=$(call has,avx2)
   -DGGML_AVX512_VNNI=$(call has,avx512_vnni) -DGGML_AVX512_BF16=$(call has,avx512_bf16) \
   -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF
 
-.PHONY: demo test install install-test lint bench clean screenshot
+.PHONY: demo test install install-test lint bench clean screenshot fuzz
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -40,8 +40,14 @@ $(VENV)/llama-sdist/.ok: $(BIN)/python
 	cd $(VENV)/llama-sdist && tar xzf llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz
 	touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed $(LLAMA_STAMP) $(VENV)/llama-sdist/.ok
+$(VENV)/.installed-test: $(VENV)/.installed $(LLAMA_STAMP) $(VENV)/llama-sdist/.ok $(VENV)/.chromium
 	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+# The web page is tested in a real headless browser: Debian's Chromium and its WebDriver (test-only system packages).
+$(VENV)/.chromium: $(BIN)/python
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver)
 	touch $@
 
 install: $(VENV)/.installed
@@ -52,6 +58,7 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -n 2 tests
 
 # README's picture of the demo page. Needs a Chromium (Debian: apt-get install chromium); not part of demo/test.
@@ -61,6 +68,12 @@ screenshot: $(VENV)/.installed
 	$(CHROMIUM) --headless --no-sandbox --disable-gpu --disable-background-networking --disable-component-update \
 	  --no-first-run --hide-scrollbars --user-data-dir=$$(mktemp -d) --window-size=960,1400 \
 	  --screenshot=$(CURDIR)/docs/demo.png file://$(CURDIR)/demo-out/demo.html
+
+# The fuzz harness: the hypothesis targets, then a mutation run over every reader (MUTANTS=10000 by default;
+# each mutant loads and generates in a child with a 20 s timeout and a 3 GiB memory limit). See benchmarks/fuzz.py.
+fuzz: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q -p no:xdist tests/test_fuzz_*.py
+	$(BIN)/python benchmarks/fuzz.py --mutants $(or $(MUTANTS),10000) --workers 2 --json fuzz-results.json
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check src tests benchmarks

@@ -58,3 +58,12 @@ def test_flashify_and_regroup_roundtrip(tmp_path, capsys):
     torch.testing.assert_close(fuselm.load(tmp_path / "flash")(ids), fuselm.load(cham)(ids), rtol=1e-5, atol=1e-5)
     assert main(["regroup-qknorm", str(cham), str(tmp_path / "g"), "--groups", "1"]) == 1  # random heads differ
     assert "max deviation" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    import fuselm
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"fuselm {fuselm.__version__}"

@@ -22,7 +22,7 @@ examples:
   fuselm generate ./Llama-3.2-1B -p "The capital of France is" --temperature 0
   fuselm chat ./model-dir
   fuselm inspect model.gguf -v
-  fuselm serve model.gguf --port 8080            OpenAI-style HTTP endpoints, plus /v1/generate for pictures
+  fuselm serve model.gguf --port 8080            OpenAI-style HTTP API (pictures too) and a web page
 """
 
 
@@ -57,6 +57,9 @@ def cmd_demo(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fuselm", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"fuselm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     raw = argparse.RawDescriptionHelpFormatter
 
