@@ -271,7 +271,7 @@ class _Scheduler:
                 while not self.queue and not self.active and not self.closing:
                     self.lock.wait()
                 if self.closing:
-                    for a in self.active:
+                    for a in list(self.active):
                         self._leave(a, EngineShutdown("the server is shutting down"))
                     return
                 joining = []
