@@ -101,10 +101,14 @@ def test_pair_is_read_as_a_pair(tmp_path):
     main = write_gguf(tmp_path / "m.gguf", CONFIG, tensors(), progress=False, vqgan=VQ)
     gf = read_gguf(main)
     assert read_gguf(companion_path(main)).metadata[COMPANION_ID_KEY] == gf.metadata[COMPANION_ID_KEY]
-    # a companion from another write of the same name is refused, naming both files
+    # a companion from another write (other image-tokenizer weights) of the same name is refused, naming both files;
+    # the pair id is a hash of the companion's content, so rewriting the same model gives the same bytes
+    assert read_gguf(write_gguf(tmp_path / "again.gguf", CONFIG, tensors(), progress=False, vqgan=VQ)).metadata[
+        COMPANION_ID_KEY] == gf.metadata[COMPANION_ID_KEY]
     other = tmp_path / "other"
     other.mkdir()
-    write_gguf(other / "m.gguf", CONFIG, tensors(), progress=False, vqgan=VQ)
+    write_gguf(other / "m.gguf", CONFIG, tensors(), progress=False,
+               vqgan=(VQ[0], {"quantize.embedding.weight": torch.zeros(8, 4)}))
     os.replace(companion_path(other / "m.gguf"), companion_path(main))
     with pytest.raises(FuselmError, match=rf"m-vqgan\.gguf: this image tokenizer was not written with m\.gguf "
                                           rf"\(key '{COMPANION_ID_KEY}'"):

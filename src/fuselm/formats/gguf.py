@@ -13,9 +13,10 @@ companion is missing or belongs to another write, so an interrupted write never 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sys
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -55,13 +56,24 @@ def write_gguf_file(path: str | os.PathLike, arch: str, metadata: Mapping[str, A
         _remove_stale_companion(path)
         return path
     companion = companion_path(path)
-    metadata[COMPANION_ID_KEY] = pair_id = uuid.uuid4().hex
+    metadata[COMPANION_ID_KEY] = pair_id = _content_id(*vqgan)
     vq_metadata, vq_plans = _vqgan_plans(companion, *vqgan)
     vq_metadata[COMPANION_ID_KEY] = pair_id
     with commit_pair(path, companion) as (main_tmp, companion_tmp):
         write_file(companion_tmp, VQGAN_ARCH, vq_metadata, vq_plans, False, companion.name)
         write_file(main_tmp, arch, metadata, plans, progress, path.name)
     return path
+
+
+def _content_id(vq_config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]) -> str:
+    """The pair id: a hash of the companion's content, so the same model written twice gives the same bytes (a
+    seeded training run is reproducible), while a companion of other content never matches."""
+    h = hashlib.sha256(json.dumps(dict(vq_config), sort_keys=True, default=str).encode())
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().contiguous().cpu()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:32]
 
 
 def _remove_stale_companion(path: Path) -> None:
@@ -82,8 +94,6 @@ def companion_path(model_path: str | os.PathLike) -> Path:
 
 def _vqgan_plans(path: Path, vq_config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]
                  ) -> tuple[dict[str, Any], list[TensorPlan]]:
-    import json
-
     try:
         config_json = json.dumps(dict(vq_config), sort_keys=True)
     except (TypeError, ValueError) as err:
