@@ -98,10 +98,10 @@ def test_sixteen_clients_mixed(server):
 
 
 def test_full_queue_is_503_with_retry_after():
-    with ServerProcess("--quiet", "--max-queue", "1") as proc:
+    with ServerProcess("--quiet", "--parallel", "1", "--max-queue", "1") as proc:
         body = {"model": "demo", "messages": chat("a red circle"), "modalities": ["image"], "seed": 1}
         with httpx.Client(base_url=proc.url, timeout=120) as http:
-            # one request runs, one waits; the next ones find the queue full
+            # one request runs (one slot), one waits; the next ones find the queue full
             pending = [threading.Thread(target=http.post, args=("/v1/chat/completions",), kwargs={"json": body})
                        for _ in range(2)]
             for t in pending:
