@@ -95,7 +95,12 @@ def _read_meta(src: Path, check: bool) -> ModelSource:
 
     conv = convert_meta(src)
     state = _check(conv.config, conv.state_dict, str(src)) if check else conv.state_dict
-    tokenizer = HFTokenizer.from_str(json.dumps(conv.tokenizer_json)) if conv.tokenizer_json else None
+    tokenizer = None
+    if conv.tokenizer_json:
+        try:
+            tokenizer = HFTokenizer.from_str(json.dumps(conv.tokenizer_json))
+        except Exception as err:  # the tokenizers library raises a bare Exception on a bad tokenizer
+            raise FuselmError(f"{src}: tokenizer/text_tokenizer.json is not a valid tokenizer ({err})") from None
     vq = ((conv.config.extra.get("vq_config") or {}), conv.vqgan_state_dict) if conv.vqgan_state_dict else None
     return ModelSource(src, "meta", conv.config, state, tokenizer, tokenizer_config=conv.tokenizer_config,
                        vqgan=vq, file_type="meta")
