@@ -23,6 +23,7 @@ from ..config import ModelConfig, expected_shapes
 from ..errors import FuselmError
 from ..transforms.qknorm import expand_heads, group_heads
 from .gguf import permute_for_interleaved_rope, unpermute_from_interleaved_rope
+from .values import read_float, read_int
 
 META_MODULES = {
     "embed": "tok_embeddings",
@@ -48,6 +49,7 @@ _SPLIT_DIM = {
 }
 # Meta's loader expects exactly this one extra buffer in the files.
 _META_IGNORED = re.compile(r"^rope\.freqs$")
+SOURCE = "params.json"
 _QK = re.compile(r"layers\.\d+\.attention\.(q|k)_normalization\.(weight|bias)")
 QK_NORM_LAYOUTS = ("per-head", "grouped")
 
@@ -69,19 +71,12 @@ def meta_intermediate_size(dim: int, ffn_dim_multiplier: float | None, multiple_
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
-def _param(params: Mapping, key: str, default=None, *, required: bool = False):
-    value = params.get(key, default)
-    if required and value is None:
-        raise FuselmError(f"params.json: missing required key {key!r}")
-    return value
-
-
 def meta_config(params: Mapping, shards: list[Mapping[str, torch.Tensor]]) -> ModelConfig:
     """ModelConfig from merged params; sizes the params leave open (vocab -1) are read from the shards."""
     p = merge_meta_params(params)
-    dim = int(_param(p, "dim", required=True))
-    heads = int(_param(p, "n_heads", required=True))
-    kv_heads = int(p.get("n_kv_heads") or heads)
+    dim = read_int(p, "dim", SOURCE, limit="width")
+    heads = read_int(p, "n_heads", SOURCE, limit="heads")
+    kv_heads = read_int(p, "n_kv_heads", SOURCE, heads, limit="heads")
     n_shards = len(shards)
     embed = [s.get("tok_embeddings.weight") for s in shards]
     if any(e is None for e in embed):
@@ -105,21 +100,21 @@ def meta_config(params: Mapping, shards: list[Mapping[str, torch.Tensor]]) -> Mo
     swin = bool(p.get("swin_norm", False))
     if swin and not qk_norm:
         raise FuselmError("params.json: swin_norm without qk_normalization matches no supported architecture")
-    theta = float(p.get("rope_theta", 10000.0))
+    theta = read_float(p, "rope_theta", SOURCE, 10000.0)
     # HF's Chameleon converter: 4096 positions, or 16384 for the long-context theta.
-    max_pos = int(p.get("max_seq_len") or (16384 if theta > 10000.0 else 4096))
+    max_pos = read_int(p, "max_seq_len", SOURCE, 16384 if theta > 10000.0 else 4096, limit="context")
     try:
         return ModelConfig(
             arch="chameleon" if qk_norm else "llama",
             vocab_size=int(vocab),
             hidden_size=dim,
             intermediate_size=int(intermediate),
-            num_hidden_layers=int(_param(p, "n_layers", required=True)),
+            num_hidden_layers=read_int(p, "n_layers", SOURCE, limit="layers"),
             num_attention_heads=heads,
             num_key_value_heads=kv_heads,
             head_dim=dim // heads,
             max_position_embeddings=max_pos,
-            norm_eps=float(p.get("norm_eps", 1e-5)),
+            norm_eps=read_float(p, "norm_eps", SOURCE, 1e-5),
             block_kind="swin_norm" if swin else "pre_norm",
             qk_norm=qk_norm,
             qk_norm_eps=1e-5,  # torch.nn.LayerNorm(head_dim) default

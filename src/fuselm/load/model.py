@@ -121,6 +121,6 @@ def _image_tokenizer(source: ModelSource):
 
     vq_config, state = source.vqgan
     if source.kind == "hf":
-        return ImageTokenizer(vqgan_from_hf_state_dict(vq_config, state))
+        return ImageTokenizer(vqgan_from_hf_state_dict(vq_config, state, source=str(source.path)))
     config = VQGANConfig.from_dict(vq_config, source=str(source.path))
     return ImageTokenizer(vqgan_from_state_dict(config, state, source=str(source.path)))

@@ -406,13 +406,16 @@ def vqgan_from_state_dict(
     return model
 
 
-def vqgan_from_hf_state_dict(config_dict: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]) -> VQGAN:
+def vqgan_from_hf_state_dict(config_dict: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor], *,
+                             source: str = "HF checkpoint") -> VQGAN:
     """From HF's `vq_config` (or whole config.json dict) and a state dict (full model or bare VQ model).
 
-    HF checkpoints carry no decoder, so the result is encoder-only and `decode` raises.
-    """
-    config = VQGANConfig.from_dict(config_dict, source="HF vq_config")
-    return vqgan_from_state_dict(config, hf_to_vqgan_names(state_dict), source="HF VQGAN weights")
+    HF checkpoints carry no decoder, so the result is encoder-only and `decode` raises. `source` (the directory)
+    is named in errors."""
+    if not isinstance(config_dict, Mapping):
+        raise FuselmError(f"{source}: config.json key 'vq_config' must be an object, got {type(config_dict).__name__}")
+    config = VQGANConfig.from_dict(config_dict, source=f"{source}: config.json vq_config")
+    return vqgan_from_state_dict(config, hf_to_vqgan_names(state_dict), source=f"{source}: VQGAN weights")
 
 
 def vqgan_config_from_meta_yaml(params: Mapping[str, Any], *, source: str = "vqgan.yaml") -> VQGANConfig:
