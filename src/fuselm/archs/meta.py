@@ -89,7 +89,8 @@ def meta_config(params: Mapping, shards: list[Mapping[str, torch.Tensor]]) -> Mo
         raise FuselmError("Meta checkpoint: missing 'layers.0.feed_forward.w1.weight'")
     intermediate = w1.shape[0] * n_shards
     # Meta builds the model from these (multiple_of defaults to 256), so the weights must agree.
-    want = meta_intermediate_size(dim, p.get("ffn_dim_multiplier"), int(p.get("multiple_of") or 256))
+    want = meta_intermediate_size(dim, read_float(p, "ffn_dim_multiplier", SOURCE, None),
+                                  read_int(p, "multiple_of", SOURCE, 256, limit="width"))
     if want != intermediate:
         raise FuselmError(f"params.json: dim/ffn_dim_multiplier/multiple_of give a feed-forward width of {want},"
                           f" but feed_forward.w1 holds {intermediate} rows")
