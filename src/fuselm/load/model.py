@@ -9,6 +9,7 @@ import torch
 from .. import archs
 from ..config import ModelConfig, normalize_rope_scaling
 from ..errors import FuselmError
+from ..formats.gguf import companion_path
 from ..model.build import build_transformer, check_state_dict, parse_dtype
 from ..model.transformer import Transformer
 from ..tokenizer import Tokenizer
@@ -122,5 +123,7 @@ def _image_tokenizer(source: ModelSource):
     vq_config, state = source.vqgan
     if source.kind == "hf":
         return ImageTokenizer(vqgan_from_hf_state_dict(vq_config, state, source=str(source.path)))
-    config = VQGANConfig.from_dict(vq_config, source=str(source.path))
-    return ImageTokenizer(vqgan_from_state_dict(config, state, source=str(source.path)))
+    # A GGUF's image tokenizer lives in its companion file: errors name that file.
+    where = str(companion_path(source.path)) if source.kind == "gguf" else str(source.path)
+    config = VQGANConfig.from_dict(vq_config, source=where)
+    return ImageTokenizer(vqgan_from_state_dict(config, state, source=where))
