@@ -79,7 +79,7 @@ def _rope_spec(config: ModelConfig, scaling: dict | None) -> RopeSpec:
 def gguf_extra_tensors(config: ModelConfig) -> dict[str, torch.Tensor]:
     """Tensors llama.cpp needs besides the weights: `rope_freqs.weight` carries Llama-3.1 (llama3) RoPE scaling,
     which has no metadata key. Only llama.cpp's llama graph reads it (its falcon and chameleon reject the tensor)."""
-    if arch_record(config.arch).gguf_arch != "llama":
+    if not arch_record(config.arch).gguf_rope_freqs:
         return {}
     factors = rope_freq_factors(_rope_spec(config, config.rope_scaling))
     return {} if factors is None else {"rope_freqs.weight": factors}

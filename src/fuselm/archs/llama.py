@@ -18,5 +18,6 @@ LLAMA = Arch(
     gguf_fields=fam.gguf_fields,
     gguf_keys=fam.gguf_keys,
     gguf_problems=fam.gguf_problems,
+    gguf_rope_freqs=True,
     chat_template=None,
 )

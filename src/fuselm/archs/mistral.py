@@ -48,4 +48,5 @@ MISTRAL = Arch(
     gguf_fields=_gguf_fields,
     gguf_keys=_gguf_keys,
     gguf_problems=fam.gguf_problems,
+    gguf_rope_freqs=True,
 )

@@ -47,6 +47,8 @@ class Arch:
     gguf_fused_qkv: bool = False  # GGUF attn_qkv = cat(q, k, v)
     # GGUF tensors whose presence means q/k/v, o and MLP biases (llama.cpp decides biases from tensors too).
     gguf_bias_tensors: tuple[str, str, str] = ("blk.0.attn_q.bias", "blk.0.attn_output.bias", "blk.0.ffn_up.bias")
+    # llama.cpp reads Llama-3.1 RoPE scaling from a `rope_freqs.weight` tensor only in its llama graph.
+    gguf_rope_freqs: bool = False
     chat_template: str | None = None  # built-in template (generation.chat.BUILTIN) when the model ships none
     image_tokenizer: bool = False  # the family carries a VQGAN (HF: model.vqmodel.*; GGUF: -vqgan companion)
     hf_ignored: tuple[str, ...] = field(default=(r".*rotary_emb\.inv_freq$",))  # HF tensors with no weights we need
