@@ -29,6 +29,33 @@ def _splits(n: int) -> tuple[np.ndarray, np.ndarray]:
     return i1, i2
 
 
+def scan_splits(cands: list[tuple[np.ndarray, np.ndarray]], i1: np.ndarray, i2: np.ndarray, order: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """ggml's scan over splits (outer) and candidate level sets (inner), each (sumqx, sumq2) [G, C]: the first
+    strictly better a^2/b wins. -> (found [G], scale [G], candidate k [G] (read only where found), L [G, n] in
+    0..2 in the groups' own order)."""
+    G, n = order.shape
+    best = np.full(G, -np.finfo(F32).max, dtype=F32)
+    scale = np.zeros(G, dtype=F32)
+    pick = np.full(G, -1, dtype=np.int64)
+    which = np.zeros(G, dtype=np.int64)
+    for c in range(i1.size):
+        for k, (sqx, sq2) in enumerate(cands):
+            a, b = sqx[:, c], sq2[:, c]
+            better = (b > 0) & (a * a > best * b)
+            scale = np.where(better, a / b, scale)
+            best = np.where(better, scale * a, best)
+            pick = np.where(better, c, pick)
+            which = np.where(better, k, which)
+    found = pick >= 0
+    p = np.maximum(pick, 0)
+    pos = np.arange(n)
+    Ls = (pos >= i1[p][:, None]).astype(np.uint8) + (pos >= i2[p][:, None]).astype(np.uint8)
+    L = np.empty_like(Ls)
+    np.put_along_axis(L, order, Ls, axis=1)
+    return found, scale, which, L
+
+
 def best_split(xb: np.ndarray, w: np.ndarray, levels: tuple[np.ndarray, ...]
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The exhaustive three-level fit of groups xb, w [G, n] over the level sets `levels` (tried in turn at
@@ -50,25 +77,7 @@ def best_split(xb: np.ndarray, w: np.ndarray, levels: tuple[np.ndarray, ...]
         sumqx = parts_x[0] * p[0] + parts_x[1] * p[1] + parts_x[2] * p[2]
         sumq2 = parts_w[0] * p[0] * p[0] + parts_w[1] * p[1] * p[1] + parts_w[2] * p[2] * p[2]
         cands.append((sumqx, sumq2))
-    best = np.full(G, -np.finfo(F32).max, dtype=F32)
-    scale = np.zeros(G, dtype=F32)
-    pick = np.full(G, -1, dtype=np.int64)
-    which = np.zeros(G, dtype=np.int64)
-    for c in range(i1.size):
-        for k, (sqx, sq2) in enumerate(cands):
-            a, b = sqx[:, c], sq2[:, c]
-            better = (b > 0) & (a * a > best * b)
-            scale = np.where(better, a / b, scale)
-            best = np.where(better, scale * a, best)
-            pick = np.where(better, c, pick)
-            which = np.where(better, k, which)
-    found = pick >= 0
-    p = np.maximum(pick, 0)
-    pos = np.arange(n)
-    Ls = (pos >= i1[p][:, None]).astype(np.uint8) + (pos >= i2[p][:, None]).astype(np.uint8)
-    L = np.empty_like(Ls)
-    np.put_along_axis(L, order, Ls, axis=1)
-    return found, scale, which, L
+    return scan_splits(cands, i1, i2, order)
 
 
 def snap_to_grid(lat: Lattice, xb: np.ndarray, w: np.ndarray, scale: np.ndarray, values: np.ndarray,

@@ -9,7 +9,7 @@ import torch
 
 from fuselm.quants import qweights
 from fuselm.quants.cfloat import F32, nearest_int
-from fuselm.quants.iq1 import X_M, X_P, refit, snap_to_grid
+from fuselm.quants.iq1 import X_M, X_P, refit, scan_splits, snap_to_grid
 from fuselm.quants.iq_grids import lattice
 from fuselm.quants.iqcommon import sum_last
 from fuselm.quants.unpacked import Unpacked
@@ -47,25 +47,7 @@ def _best_split(xb: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
     q2_m = tws * m2 * m2 + pw[:, :, i1] * cm1 + pw[:, :, i2] * cm2
     cands = [(qx_p[0] + qx_p[1], q2_p[0] + q2_p[1]), (qx_p[0] + qx_m[1], q2_p[0] + q2_m[1]),
              (qx_m[0] + qx_p[1], q2_m[0] + q2_p[1]), (qx_m[0] + qx_m[1], q2_m[0] + q2_m[1])]
-    best = np.full(G, -np.finfo(F32).max, dtype=F32)
-    scale = np.zeros(G, dtype=F32)
-    pick = np.full(G, -1, dtype=np.int64)
-    best_k = np.full(G, -1, dtype=np.int64)
-    for c in range(i1.size):
-        for k, (sqx, sq2) in enumerate(cands):
-            a, b = sqx[:, c], sq2[:, c]
-            better = (b > 0) & (a * a > best * b)
-            scale = np.where(better, a / b, scale)
-            best = np.where(better, scale * a, best)
-            pick = np.where(better, c, pick)
-            best_k = np.where(better, k, best_k)
-    found = pick >= 0
-    p = np.maximum(pick, 0)
-    pos = np.arange(n)
-    Ls = (pos >= i1[p][:, None]).astype(np.uint8) + (pos >= i2[p][:, None]).astype(np.uint8)
-    L = np.empty_like(Ls)
-    np.put_along_axis(L, order, Ls, axis=1)
-    return found, scale, best_k, L
+    return scan_splits(cands, i1, i2, order)
 
 
 def quantize_iq1_m(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
