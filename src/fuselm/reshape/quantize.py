@@ -11,6 +11,7 @@ tokenizer.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from ..formats import gguf as gguf_format
 from ..formats.gguf_exact import KeyValue, TensorOut, write_exact
 from ..formats.gguf_vocab import tokenizer_to_gguf
 from ..formats.imatrix import read_imatrix
-from ..load import read_source
+from ..load import read_source, resolve_model_path
 from ..quants import CODECS, quantize, row_bytes
 from ..quants.mixes import fallback_report, llama_order, mix_for, plan_types
 from ..quants.native_quantize import native_quantize
@@ -63,10 +64,15 @@ def quantize_model(src: str | Path, out: str | Path, ftype: str, *, pure: bool =
     if out.suffix != ".gguf":
         raise FuselmError(f"{out}: output must be a .gguf file")
     weights, imatrix_keys = _load_imatrix(imatrix)
-    # A GGUF's tensors are read from the file below (each checked as it is quantized); skip the whole-model scan.
-    source = read_source(src, check=Path(src).suffix != ".gguf")
+    # A GGUF's tensors are read from the file below (each checked as it is quantized): keep them as the file's bytes
+    # here (no dequantized copy of the model) and skip the whole-model scan.
+    src = resolve_model_path(src)
+    gguf_src = src.suffix == ".gguf"
+    source = read_source(src, check=not gguf_src, keep_quantized=gguf_src, keep_16bit=gguf_src)
     config = source.config
     gf = gguf_format.read_gguf(source.path) if source.kind == "gguf" else None
+    if gf is not None and any(t.type_name not in ("F32", "F16", "BF16") for t in gf.tensors.values()):
+        print(f"warning: {source.path} is quantized; requantizing it loses quality twice", file=sys.stderr)
     tensors = _file_tensors(gf) if gf is not None else _state_tensors(config, source.state)
     order = llama_order(tensors)
     choices = plan_types([(n, tensors[n].shape, tensors[n].type) for n in order], mix.ftype, arch=config.arch,
