@@ -122,3 +122,21 @@ def test_companion_missing_from_a_pair(tmp_path):
     (demo / "demo-vqgan.gguf").unlink()
     with pytest.raises(FuselmError, match=r"demo\.gguf: its image tokenizer demo-vqgan\.gguf is missing"):
         read_companion(read_gguf(demo / "demo.gguf"))
+
+
+def test_overflowing_weights_name_the_model(tmp_path):
+    """Finite but huge weights (a flipped exponent byte) overflow float32 in the forward pass: one clear error
+    naming the model instead of torch.multinomial's RuntimeError (or a silent argmax over NaN)."""
+    from safetensors.torch import load_file, save_file
+    from tiny_hf import make_llama
+
+    directory = make_llama(tmp_path)
+    weights = directory / "model.safetensors"
+    state = load_file(weights)
+    name = next(n for n in state if n == "lm_head.weight")
+    state[name] = torch.full_like(state[name], 3e38)
+    save_file(state, weights, metadata={"format": "pt"})
+    model = fuselm.load(directory)
+    for temperature in (0, 0.8):
+        with pytest.raises(FuselmError, match=rf"{directory}.*NaN or \+Inf at generated token 0"):
+            list(fuselm.generate(model, [1, 2, 3], max_tokens=2, temperature=temperature))

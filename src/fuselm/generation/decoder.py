@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import FuselmError
+from ..errors import FuselmError, NonFiniteLogits
 from ..model.cache import KVCache
 from ..model.transformer import Transformer
 from .sampling import SamplingParams, sample
@@ -131,6 +131,9 @@ def next_token(state: SequenceState, logits: torch.Tensor, processors: Sequence[
                sampling: SamplingParams | Callable[[SequenceState], SamplingParams],
                generator: torch.Generator | None) -> int:
     """Run the processors over a sequence's logits [rows, V], sample one token, and record it."""
+    if bool(torch.isnan(logits[:1]).any()) or bool(torch.isposinf(logits[:1]).any()):
+        raise NonFiniteLogits(f"the model's logits hold NaN or +Inf at generated token {len(state.generated)}: "
+                              "its weights overflow float32 (corrupt or out-of-range values)")
     for p in processors:
         logits = p(state, logits)
     params = sampling(state) if callable(sampling) else sampling

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-from ..errors import FuselmError
+from ..errors import FuselmError, NonFiniteLogits
 from .decoder import LogitsProcessor, SequenceRun, run_alone
 from .mixed import prepare_mixed
 from .prompt import DEFAULT_SAMPLING, encode_prompt, has_images
@@ -41,4 +41,7 @@ def generate(model, prompt, **options) -> Iterator[Event]:
     `sampling` (default: temperature 0.8, top-k 40, top-p 0.95, min-p 0.05; temperature 0 is greedy), seed, stop
     strings, stop_token_ids, processors. Chameleon models also take image options (see fuselm.generation.mixed).
     """
-    yield from run_alone(prepare_run(model, prompt, **options), model.transformer)
+    try:
+        yield from run_alone(prepare_run(model, prompt, **options), model.transformer)
+    except NonFiniteLogits as err:
+        raise NonFiniteLogits(f"{model.source or 'model'}: {err}") from None
