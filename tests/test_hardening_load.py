@@ -140,3 +140,26 @@ def test_overflowing_weights_name_the_model(tmp_path):
     for temperature in (0, 0.8):
         with pytest.raises(FuselmError, match=rf"{directory}.*NaN or \+Inf at generated token 0"):
             list(fuselm.generate(model, [1, 2, 3], max_tokens=2, temperature=temperature))
+
+
+def test_meta_shards_that_disagree_name_the_checkpoint(tmp_path):
+    """Fuzz mutant 000044-meta (seed 11): flipped bits renamed a tensor in shard 0 of a 2-shard checkpoint; the
+    error came from archs/meta.py without the checkpoint's directory."""
+    from tiny_hf import make_llama
+
+    from fuselm import archs
+    from fuselm.archs.meta import internal_to_meta
+    from fuselm.formats.hf import read_config, read_weights
+
+    hf = make_llama(tmp_path / "hf")
+    config = archs.config_from_hf(read_config(hf), source=str(hf))
+    state = archs.hf_to_internal(config, read_weights(hf), source=str(hf))
+    params, shards = internal_to_meta(config, state, 2)
+    shards[0]["layers.1.feed_forward.w2.weighT"] = shards[0].pop("layers.1.feed_forward.w2.weight")
+    model = tmp_path / "meta"
+    model.mkdir()
+    (model / "params.json").write_text(json.dumps({k: v for k, v in params.items() if k != "model_parallel_size"}))
+    for i, shard in enumerate(shards):
+        torch.save(shard, model / f"consolidated.{i:02d}.pth")
+    with pytest.raises(FuselmError, match=rf"{model}: Meta checkpoint: shard 1 holds different tensors"):
+        fuselm.load(model)

@@ -166,7 +166,10 @@ def convert_meta(path: str | Path, *, qk_norm: str = "per-head") -> MetaConversi
         raise FuselmError(f"--qk-norm must be one of {', '.join(QK_NORM_LAYOUTS)}, got {qk_norm!r}")
     files = find_meta_checkpoint(path)
     params, shards = load_meta_checkpoint(files.model_dir)
-    config, state = meta_to_internal(params, shards, qk_norm=qk_norm)
+    try:
+        config, state = meta_to_internal(params, shards, qk_norm=qk_norm)
+    except FuselmError as err:  # archs/ knows tensors, not files: name the checkpoint here
+        raise FuselmError(f"{files.model_dir}: {err}") from None
     report = [f"merged {len(shards)} shard(s) from {files.model_dir}: {config.num_hidden_layers} layers, "
               f"hidden {config.hidden_size}, {config.num_attention_heads} heads, vocab {config.vocab_size}"]
     if config.qk_norm:
