@@ -142,9 +142,7 @@ def test_overflowing_weights_name_the_model(tmp_path):
             list(fuselm.generate(model, [1, 2, 3], max_tokens=2, temperature=temperature))
 
 
-def test_meta_shards_that_disagree_name_the_checkpoint(tmp_path):
-    """Fuzz mutant 000044-meta (seed 11): flipped bits renamed a tensor in shard 0 of a 2-shard checkpoint; the
-    error came from archs/meta.py without the checkpoint's directory."""
+def _meta_shards(tmp_path: Path, n: int):
     from tiny_hf import make_llama
 
     from fuselm import archs
@@ -154,12 +152,54 @@ def test_meta_shards_that_disagree_name_the_checkpoint(tmp_path):
     hf = make_llama(tmp_path / "hf")
     config = archs.config_from_hf(read_config(hf), source=str(hf))
     state = archs.hf_to_internal(config, read_weights(hf), source=str(hf))
-    params, shards = internal_to_meta(config, state, 2)
-    shards[0]["layers.1.feed_forward.w2.weighT"] = shards[0].pop("layers.1.feed_forward.w2.weight")
-    model = tmp_path / "meta"
-    model.mkdir()
+    return internal_to_meta(config, state, n)
+
+
+def _write_meta(model: Path, params: dict, shards: list) -> Path:
+    model.mkdir(parents=True)
     (model / "params.json").write_text(json.dumps({k: v for k, v in params.items() if k != "model_parallel_size"}))
     for i, shard in enumerate(shards):
         torch.save(shard, model / f"consolidated.{i:02d}.pth")
+    return model
+
+
+def test_meta_shards_that_disagree_name_the_checkpoint(tmp_path):
+    """Fuzz mutant 000044-meta (seed 11): flipped bits renamed a tensor in shard 0 of a 2-shard checkpoint; the
+    error came from archs/meta.py without the checkpoint's directory."""
+    params, shards = _meta_shards(tmp_path, 2)
+    shards[0]["layers.1.feed_forward.w2.weighT"] = shards[0].pop("layers.1.feed_forward.w2.weight")
+    model = _write_meta(tmp_path / "meta", params, shards)
     with pytest.raises(FuselmError, match=rf"{model}: Meta checkpoint: shard 1 holds different tensors"):
         fuselm.load(model)
+
+
+def test_meta_shard_with_flipped_bytes_names_the_shard(tmp_path):
+    """Fuzz mutant 000548-meta (seed 11): the loader had its own torch.load wrapper, which let torch's
+    UnicodeDecodeError escape; it now reads shards with formats.meta.read_consolidated."""
+    params, shards = _meta_shards(tmp_path, 2)
+    model = _write_meta(tmp_path / "meta", params, shards)
+    shard = model / "consolidated.01.pth"
+    raw = bytearray(shard.read_bytes())
+    start = raw.index(b"data.pkl") + 40
+    raw[start:start + 64] = bytes(b ^ 0xF9 for b in raw[start:start + 64])
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(FuselmError, match=rf"{shard}: "):
+        list(fuselm.generate(fuselm.load(model), [1, 2], max_tokens=2))
+
+
+def test_meta_text_tokenizer_added_tokens_must_be_objects(tmp_path):
+    """Fuzz mutant 000593-meta (seed 11): added_tokens[13] = [] gave AttributeError in chameleon_tokenizer."""
+    from fuselm.load.meta import chameleon_tokenizer
+
+    with pytest.raises(FuselmError, match=r"t\.json: 'added_tokens' must be a list of objects"):
+        chameleon_tokenizer({"model": {"vocab": {"a": 0}}, "added_tokens": [{"content": "a"}, []]}, "t.json")
+
+
+def test_eos_token_not_in_vocabulary_names_the_config(tmp_path):
+    """Fuzz mutant 000513-demo (seed 11): an eos_token that is no token was blamed on tokenizer.json."""
+    demo = _demo_copy(tmp_path)
+    cfg_path = demo / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "eos_token": "{% for i in range(100000) %}"}))
+    with pytest.raises(FuselmError, match=r"tokenizer_config\.json: key 'eos_token' is .*not a token of .*tokenizer"):
+        fuselm.load(demo)

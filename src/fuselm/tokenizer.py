@@ -51,7 +51,11 @@ class Tokenizer:
         add_bos = cfg.get("add_bos_token")
         if add_bos is not None and not isinstance(add_bos, bool):
             raise FuselmError(f"{where}: key 'add_bos_token' is {add_bos!r}; expected true or false")
-        tok = cls(backend, bos_token=token_str("bos_token"), eos_token=token_str("eos_token"),
+        specials = {key: token_str(key) for key in ("bos_token", "eos_token")}
+        for key, token in specials.items():
+            if token and backend.token_to_id(token) is None:
+                raise FuselmError(f"{where}: key {key!r} is {token[:80]!r}, which is not a token of {path}")
+        tok = cls(backend, bos_token=specials["bos_token"], eos_token=specials["eos_token"],
                   chat_template=template, add_bos=add_bos, source=str(path))
         tok.template_source = f"{where}: chat_template" if template is not None else tok.template_source
         return tok

@@ -11,7 +11,6 @@ weights, VQGAN weights and tokenizer as data; writing the directory is formats/h
 from __future__ import annotations
 
 import json
-import pickle
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from ..archs.meta import QK_NORM_LAYOUTS, merge_meta_params, meta_to_internal
 from ..config import ModelConfig
 from ..errors import FuselmError
 from ..formats.json_file import read_json_object
+from ..formats.meta import read_consolidated
 
 HELP_CONVERT = """\
 Convert Meta's original Chameleon release (consolidated*.pth + params.json) to an HF directory.
@@ -107,44 +107,28 @@ def _read_json(path: Path) -> dict:
     return read_json_object(path)
 
 
-def load_torch_weights(path: Path) -> dict[str, torch.Tensor]:
-    """torch.load(weights_only=True, mmap=True): plain tensors only, never arbitrary pickled code."""
-    try:
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            data = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
-    except pickle.UnpicklingError as e:
-        raise FuselmError(f"{path}: refusing to load: the file needs pickled code beyond plain tensors "
-                          f"(torch.load weights_only=True failed: {str(e).splitlines()[0]})") from None
-    except (OSError, RuntimeError, EOFError) as e:
-        raise FuselmError(f"{path}: cannot read PyTorch weights: {e}") from None
-    if not isinstance(data, Mapping) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise FuselmError(f"{path}: expected a flat dict of tensor names to tensors")
-    return dict(data)
-
-
 def load_meta_checkpoint(path: str | Path) -> tuple[dict, list[dict[str, torch.Tensor]]]:
     """(merged params, shards) of a Meta checkpoint folder; params merged as Meta's loader does."""
     files = find_meta_checkpoint(path)
     params = _read_json(files.params)
     consolidate = _read_json(files.consolidate_params) if files.consolidate_params else None
-    return merge_meta_params(params, consolidate), [load_torch_weights(p) for p in files.shards]
+    return merge_meta_params(params, consolidate), [read_consolidated(p) for p in files.shards]
 
 
-def chameleon_tokenizer(text_tokenizer: Mapping) -> tuple[dict, dict[str, int]]:
+def chameleon_tokenizer(text_tokenizer: Mapping, source: str = "text_tokenizer.json") -> tuple[dict, dict[str, int]]:
     """Meta's text_tokenizer.json -> (HF tokenizer.json dict, vocabulary_map), renaming <reserved08707> to <image>
     as HF's converter does (the image placeholder reuses a reserved id instead of growing the vocab)."""
     model = text_tokenizer.get("model")
     if not isinstance(model, Mapping) or not isinstance(model.get("vocab"), Mapping):
-        raise FuselmError("text_tokenizer.json: expected model.vocab")
+        raise FuselmError(f"{source}: expected model.vocab")
     tok = json.loads(json.dumps(text_tokenizer))  # deep copy of plain JSON
     vocab = tok["model"]["vocab"]
     if "<reserved08707>" in vocab:
         vocab["<image>"] = vocab.pop("<reserved08707>")
-    for added in tok.get("added_tokens", []):
+    added_tokens = tok.get("added_tokens", [])
+    if not isinstance(added_tokens, list) or not all(isinstance(a, Mapping) for a in added_tokens):
+        raise FuselmError(f"{source}: 'added_tokens' must be a list of objects")
+    for added in added_tokens:
         if added.get("content") == "<reserved08707>":
             added["content"] = "<image>"
     return tok, dict(vocab)
@@ -179,7 +163,8 @@ def convert_meta(path: str | Path, *, qk_norm: str = "per-head") -> MetaConversi
     out = MetaConversion(config=config, state_dict=state, report=report)
     extra = dict(config.extra)
     if files.text_tokenizer is not None:
-        out.tokenizer_json, vocab = chameleon_tokenizer(_read_json(files.text_tokenizer))
+        out.tokenizer_json, vocab = chameleon_tokenizer(_read_json(files.text_tokenizer),
+                                                            str(files.text_tokenizer))
         extra["vocabulary_map"] = vocab
         special = {k: t for k, t in (("bos_token", "<s>"), ("eos_token", "</s>"), ("pad_token", "<pad>"),
                                      ("unk_token", "<unk>"), ("sep_token", "<reserved08706>")) if t in vocab}
