@@ -59,6 +59,7 @@ def _load_and_generate(path: Path) -> None:
     pytest.param("chameleon.rope.freq_base", ""),
     pytest.param("chameleon.context_length", True),
     ("chameleon_vqgan.config", "[1, 2]"),
+    pytest.param("chameleon.swin_norm", [1, 2], id="array-as-bool"),  # fuzz seed 11 mutant 1561
 ])
 def test_wrong_gguf_values(tmp_path, key, value):
     demo = _demo_copy(tmp_path)
@@ -203,3 +204,28 @@ def test_eos_token_not_in_vocabulary_names_the_config(tmp_path):
     cfg_path.write_text(json.dumps({**cfg, "eos_token": "{% for i in range(100000) %}"}))
     with pytest.raises(FuselmError, match=r"tokenizer_config\.json: key 'eos_token' is .*not a token of .*tokenizer"):
         fuselm.load(demo)
+
+
+def test_meta_vocab_size_typed(tmp_path):
+    """Fuzz mutant 000917-meta (seed 11): a string vocab_size in params.json reached int()."""
+    params, shards = _meta_shards(tmp_path, 1)
+    model = _write_meta(tmp_path / "meta", {**params, "vocab_size": "x" * 40}, shards)
+    with pytest.raises(FuselmError, match=rf"{model}: params\.json: key 'vocab_size' is"):
+        fuselm.load(model)
+
+
+def test_vqgan_config_checked_before_allocation(tmp_path):
+    """Fuzz mutant 000718 (seed 11, BIGMEM): a channel multiplier of 64 built a 1.6 GB VQGAN before its weights'
+    shapes were compared; shapes are now checked on the meta device first."""
+    import resource
+
+    from fuselm.vision.vqgan import VQGAN, VQGANConfig, vqgan_from_state_dict
+
+    small = VQGANConfig(embed_dim=4, num_embeddings=16, latent_channels=4, resolution=32, base_channels=32,
+                        channel_multiplier=(1, 2), num_res_blocks=1)
+    state = VQGAN(small, decoder=False).state_dict()
+    huge = VQGANConfig(**{**small.to_dict(), "channel_multiplier": (1, 2048)})
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(FuselmError, match=r"w\.gguf: tensor .* has shape .*, expected"):
+        vqgan_from_state_dict(huge, state, source="w.gguf")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB

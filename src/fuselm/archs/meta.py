@@ -82,7 +82,8 @@ def meta_config(params: Mapping, shards: list[Mapping[str, torch.Tensor]]) -> Mo
     if any(e is None for e in embed):
         raise FuselmError("Meta checkpoint: a shard has no 'tok_embeddings.weight'")
     vocab = embed[0].shape[0] * (n_shards if embed[0].shape[1] == dim and n_shards > 1 else 1)
-    if int(p.get("vocab_size") or -1) > 0 and int(p["vocab_size"]) != vocab:
+    declared = read_int(p, "vocab_size", SOURCE, -1, minimum=-1, limit="vocab")
+    if declared > 0 and declared != vocab:
         raise FuselmError(f"params.json: vocab_size {p['vocab_size']} but tok_embeddings holds {vocab} rows")
     w1 = shards[0].get("layers.0.feed_forward.w1.weight")
     if w1 is None:

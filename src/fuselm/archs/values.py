@@ -71,7 +71,7 @@ def read_bool(cfg: Mapping, key: str, source: str, default: bool = False, label:
     value = _plain(cfg.get(key)) if isinstance(cfg, Mapping) else None
     if value is None:
         return default
-    if not isinstance(value, bool) and value not in (0, 1):
+    if not isinstance(value, bool) and not (isinstance(value, (int, float)) and value in (0, 1)):
         raise FuselmError(f"{source}: key {key!r} is {_show(value)}; expected true or false")
     return bool(value)
 
