@@ -27,17 +27,14 @@ def peak_rss_mb() -> float:
 
 
 def run_bench(model, prompt_tokens: int, gen_tokens: int, repeats: int = 1, seed: int = 0) -> dict:
-    from ..model.cache import KVCache
-
     config = model.config
     gen = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, config.vocab_size, (1, prompt_tokens), generator=gen)
-    dtype = model.transformer.dtype
     best_prefill = best_decode = float("inf")
     with torch.inference_mode():
         model.transformer(prompt[:, :8])  # warm-up: first-call allocations and kernel selection
         for _ in range(repeats):
-            cache = KVCache(config, 1, prompt_tokens + gen_tokens + 1, dtype=dtype)
+            cache = model.transformer.new_cache(1, prompt_tokens + gen_tokens + 1)
             t0 = time.perf_counter()
             logits = model.transformer(prompt, cache=cache, last_only=True)
             best_prefill = min(best_prefill, time.perf_counter() - t0)

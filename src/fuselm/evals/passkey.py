@@ -17,7 +17,6 @@ import numpy as np
 import torch
 
 from ..errors import FuselmError
-from ..model.cache import KVCache
 
 
 @dataclass(frozen=True)
@@ -141,19 +140,19 @@ def greedy_continuation(model, ids: Sequence[int], max_new_tokens: int,
     context, because running past the trained length without scaling is the baseline these evaluations measure.
     """
     transformer = model.transformer
-    weight = transformer.embed.weight
+    device = transformer.device
     eos = set(model.config.eos_token_ids)
-    cache = KVCache(model.config, 1, len(ids) + max_new_tokens, dtype=weight.dtype, device=weight.device)
+    cache = transformer.new_cache(1, len(ids) + max_new_tokens)
     out: list[int] = []
     with torch.inference_mode():
-        logits = transformer(torch.tensor([list(ids)], device=weight.device), cache=cache, last_only=True)
+        logits = transformer(torch.tensor([list(ids)], device=device), cache=cache, last_only=True)
         while len(out) < max_new_tokens:
             token = int(logits[0, -1].argmax())
             out.append(token)
             if token in eos or (done is not None and done(out)):
                 break
             if len(out) < max_new_tokens:
-                logits = transformer(torch.tensor([[token]], device=weight.device), cache=cache)
+                logits = transformer(torch.tensor([[token]], device=device), cache=cache)
     return out
 
 

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import FuselmError, NonFiniteLogits
-from ..model.cache import KVCache
 from ..model.transformer import Transformer
 from .sampling import SamplingParams, sample
 
@@ -52,9 +51,8 @@ class Decoder:
     """One model, one cache of `rows` rows of `capacity` positions each, and the rows' pending tokens."""
 
     def __init__(self, model: Transformer, rows: int, capacity: int, *, prefill_chunk: int | None = None):
-        config = model.config
         self.model, self.prefill_chunk = model, prefill_chunk
-        self.cache = KVCache(config, rows, capacity, dtype=model.dtype, device=model.device)
+        self.cache = model.new_cache(rows, capacity)
         self.free = list(range(rows))
         self.pending: dict[int, list[int]] = {}
 
@@ -129,15 +127,17 @@ class Decoder:
 
 def next_token(state: SequenceState, logits: torch.Tensor, processors: Sequence[LogitsProcessor],
                sampling: SamplingParams | Callable[[SequenceState], SamplingParams],
-               generator: torch.Generator | None) -> int:
-    """Run the processors over a sequence's logits [rows, V], sample one token, and record it."""
+               generator: torch.Generator | None, agree: Callable[[int], int] = int) -> int:
+    """Run the processors over a sequence's logits [rows, V], sample one token, and record it.
+
+    `agree` makes the token the same on every rank of a tensor-parallel model (Transformer.agree)."""
     if bool(torch.isnan(logits[:1]).any()) or bool(torch.isposinf(logits[:1]).any()):
         raise NonFiniteLogits(f"the model's logits hold NaN or +Inf at generated token {len(state.generated)}: "
                               "its weights overflow float32 (corrupt or out-of-range values)")
     for p in processors:
         logits = p(state, logits)
     params = sampling(state) if callable(sampling) else sampling
-    token = int(sample(logits[:1], params, generator, state.history)[0])
+    token = agree(int(sample(logits[:1], params, generator, state.history)[0]))
     state.generated.append(token)
     state.history = torch.cat([state.history, state.history.new_tensor([[token]])], dim=1)
     return token
@@ -204,7 +204,8 @@ class TokenRun(SequenceRun):
         if self._t1 is None:
             self._t1 = time.perf_counter()
             state.timings["prefill_s"] = self._t1 - self._t0
-        token = next_token(state, logits[state.rows[0]][None], self.processors, self.sampling, self.generator)
+        token = next_token(state, logits[state.rows[0]][None], self.processors, self.sampling, self.generator,
+                           decoder.model.agree)
         state.timings["decode_s"] = time.perf_counter() - self._t1
         if token in self.stop_ids:
             state.finish_reason = "eos"

@@ -255,7 +255,7 @@ class MixedRun(SequenceRun):
         modality = "image" if m.in_image else "text"
         params = self.image_params if m.in_image else self.text_params
         with torch.inference_mode():
-            token = next_token(state, logits, self.processors, params, self.generator)
+            token = next_token(state, logits, self.processors, params, self.generator, decoder.model.agree)
         self.seq.append(token)
         self.timings[f"{modality}_s"] += time.perf_counter() - t0
         self.counts[modality] += 1

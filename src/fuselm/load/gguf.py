@@ -19,16 +19,9 @@ def native_kernels() -> bool:
 STACKS = {"attn.qkv": ("attn.q", "attn.k", "attn.v"), "mlp.gate_up": ("mlp.gate", "mlp.up")}
 
 
-def quantized_modules(config: ModelConfig, state: dict[str, torch.Tensor], qtypes: dict[str, str],
-                       row_orders: dict[str, torch.Tensor], dtype: torch.dtype, *,
-                       dense: bool) -> tuple[dict[str, torch.nn.Module | None], set[str]]:
-    """QuantLinear / QuantizedEmbedding modules for every quantized weight, and the state-dict names they took
-    (removed from `state`). dense: dequantize into `state` instead. row_orders: see QuantizedWeight.row_order.
-
-    A layer's q/k/v (and gate/up) of one type become one QuantLinear over their stacked rows: one kernel call
-    instead of three, which saves the fixed per-call cost and keeps the memory stream long."""
-    from ..quants.embedding import QuantizedEmbedding
-    from ..quants.kernels import QuantLinear
+def quantized_weights(config: ModelConfig, state: dict[str, torch.Tensor], qtypes: dict[str, str],
+                      row_orders: dict[str, torch.Tensor]):
+    """The GGML byte tensors of `state` as QuantizedWeight (shapes checked against the config), removed from it."""
     from ..quants.tensor import QuantizedWeight
 
     expected = expected_shapes(config, qk_norm_groups(config, state))
@@ -38,17 +31,26 @@ def quantized_modules(config: ModelConfig, state: dict[str, torch.Tensor], qtype
         if shape is None or len(shape) != 2:
             raise FuselmError(f"tensor {archs.gguf_tensor_name(config, name)!r} is quantized ({qtype}) but is not "
                               "a 2-D weight of this model")
-        weight = QuantizedWeight(state[name].contiguous(), qtype, shape, row_orders.get(name))
-        if dense:
-            state[name] = weight.dequantize()
-        else:
-            weights[name[: -len(".weight")]] = weight
+        weights[name] = QuantizedWeight(state.pop(name).contiguous(), qtype, shape, row_orders.get(name))
+    return weights
+
+
+def quantized_modules(config: ModelConfig, state: dict[str, torch.Tensor], weights: dict,
+                      dtype: torch.dtype) -> tuple[dict[str, torch.nn.Module | None], set[str]]:
+    """QuantLinear / QuantizedEmbedding modules for the quantized `weights` (internal name -> QuantizedWeight),
+    and the state-dict names they took (their biases are removed from `state`).
+
+    A layer's q/k/v (and gate/up) of one type become one QuantLinear over their stacked rows: one kernel call
+    instead of three, which saves the fixed per-call cost and keeps the memory stream long."""
+    from ..quants.embedding import QuantizedEmbedding
+    from ..quants.kernels import QuantLinear
+
+    weights = {name[: -len(".weight")]: w for name, w in weights.items()}
     modules: dict[str, torch.nn.Module | None] = {}
     consumed: set[str] = set()
 
-    def take(path: str) -> tuple[QuantizedWeight, torch.Tensor | None]:
+    def take(path: str):
         consumed.add(path + ".weight")
-        state.pop(path + ".weight")
         bias = state.pop(path + ".bias", None)
         if bias is not None:
             consumed.add(path + ".bias")

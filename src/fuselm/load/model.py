@@ -13,7 +13,7 @@ from ..formats.gguf import companion_path
 from ..model.build import build_transformer, check_state_dict, parse_dtype
 from ..model.transformer import Transformer
 from ..tokenizer import Tokenizer
-from .gguf import native_kernels, quantized_modules
+from .gguf import native_kernels, quantized_modules, quantized_weights
 from .source import ModelSource, read_source
 
 
@@ -27,6 +27,7 @@ class Model:
         self.image_tokenizer = image_tokenizer
         self.source = source
         self.file_type = file_type  # e.g. "hf", "gguf Q4_K_M"
+        self.ranks = None  # fuselm.parallel.Ranks of a tensor-parallel model
 
     @property
     def config(self) -> ModelConfig:
@@ -50,31 +51,56 @@ class Model:
 
 
 def load(path: str | Path | None = None, *, dtype=None, device: str = "cpu", rope_scaling: dict | None = None,
-         dequantize_all: bool = False) -> Model:
+         dequantize_all: bool = False, tensor_parallel: bool = False, group=None) -> Model:
     """Load an HF directory, a .gguf file, a Meta Chameleon checkpoint directory, or "demo" (the bundled model).
 
     Quantized GGUF matrices run from the file's bytes (and 16-bit ones too, when the native kernels exist);
-    dequantize_all=True makes every weight a dense tensor instead."""
+    dequantize_all=True makes every weight a dense tensor instead.
+
+    tensor_parallel=True (on every rank, e.g. under torchrun): this process holds only its share of the weights
+    and computes with the other ranks of `group` (default: the default process group, initialized from torchrun's
+    environment when the caller has not). The model behaves as in one process: `model(ids)` returns the whole
+    [B, T, vocab] logits on every rank, and generation gives every rank the same events."""
     target = parse_dtype(dtype)
-    source = read_source(path, keep_quantized=not dequantize_all,
+    ranks = None
+    if tensor_parallel:
+        from ..parallel.group import join
+
+        ranks = join(group)
+    sharded = ranks is not None and ranks.world > 1
+    source = read_source(path, check=not sharded, keep_quantized=not dequantize_all,
                          keep_16bit=not dequantize_all and native_kernels())
     config = source.config
     if rope_scaling is not None:
         config = config.replace(rope_scaling=normalize_rope_scaling(rope_scaling, source="rope_scaling argument"))
     elif config.rope_scaling is not None:
         normalize_rope_scaling(config.rope_scaling, source=str(source.path))
-    state, modules, consumed = source.state, {}, set()
+    state, weights = source.state, {}
     if source.kind == "gguf":
         # llama.cpp's accuracy: a float32 residual stream (norms, softmax, KV cache in float32); the kernels round
         # only what enters each quantized dot product. --dtype bfloat16 is the explicit fast mode.
         target = target or torch.float32
     if source.qtypes:
-        modules, consumed = quantized_modules(config, state, source.qtypes, source.row_orders, target, dense=False)
+        weights = quantized_weights(config, state, source.qtypes, source.row_orders)
     target = target or _default_dtype(state, source.kind)
-    state = check_state_dict(config, state, str(source.path), lambda n: _display_name(source, n), provided=consumed)
-    transformer = build_transformer(config, state, dtype=target, device=device, modules=modules)
-    return Model(transformer, _tokenizer(source), image_tokenizer=_image_tokenizer(source), source=str(source.path),
-                 file_type=source.file_type)
+    display = lambda n: _display_name(source, n)  # noqa: E731
+    state = check_state_dict(config, state, str(source.path), display, provided=weights, scan_values=not sharded)
+    if sharded:
+        from .sharded import build_sharded
+
+        transformer = build_sharded(config, state, weights, ranks, dtype=target, device=device,
+                                    source=str(source.path), display_name=display)
+    else:
+        modules, _ = quantized_modules(config, state, weights, target)
+        transformer = build_transformer(config, state, dtype=target, device=device, modules=modules)
+        if ranks is not None:  # one rank: nothing to share, but the same API
+            from ..parallel.lockstep import Together
+
+            transformer.coordinator = Together(ranks)
+    model = Model(transformer, _tokenizer(source), image_tokenizer=_image_tokenizer(source),
+                  source=str(source.path), file_type=source.file_type)
+    model.ranks = ranks
+    return model
 
 
 def _display_name(source: ModelSource, name: str) -> str:

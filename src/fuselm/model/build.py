@@ -45,10 +45,11 @@ def qk_norm_groups(config: ModelConfig, state_dict: Mapping[str, torch.Tensor]) 
 
 def check_state_dict(config: ModelConfig, state_dict: dict[str, torch.Tensor], source: str,
                      display_name: Callable[[str], str] = str,
-                     provided: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+                     provided: Iterable[str] = (), scan_values: bool = True) -> dict[str, torch.Tensor]:
     """Validate names, shapes and values; fill FlashNorm-folded norms. Returns the completed state dict.
 
     `provided` names tensors that arrive as ready-made modules (quantized weights) and are checked there.
+    scan_values=False leaves the NaN/Inf scan to the caller (a tensor-parallel rank scans only its share).
     """
     groups = qk_norm_groups(config, state_dict)
     expected = expected_shapes(config, groups)
@@ -72,7 +73,7 @@ def check_state_dict(config: ModelConfig, state_dict: dict[str, torch.Tensor], s
     for name in out:
         if name not in expected:
             raise FuselmError(f"{source}: unexpected tensor {display_name(name)!r} for this config")
-    for name, t in out.items():
+    for name, t in out.items() if scan_values else ():
         if t.is_floating_point() and not all_finite(t):
             raise FuselmError(f"{source}: tensor {display_name(name)!r} contains NaN or Inf values")
     return out

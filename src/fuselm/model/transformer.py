@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Protocol
+
 import torch
 from torch import nn
 
@@ -12,11 +15,24 @@ from .cache import KVCache
 from .layers import Block, make_norm
 from .rope import rope_cos_sin
 
+Forward = Callable[..., torch.Tensor]  # Transformer.run
+
+
+class Coordinator(Protocol):
+    """How one rank of a tensor-parallel model keeps in step with the others (fuselm.parallel implements it)."""
+
+    def forward(self, run: Forward, tokens: torch.Tensor, cache: KVCache | None, last_only: bool,
+                rows: torch.Tensor | None) -> torch.Tensor: ...
+
+    def agree(self, token: int) -> int: ...
+
 
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig, qk_norm_groups: tuple[int, int] | None = None):
         super().__init__()
-        self.config = config
+        self.config = config  # the model's config (a tensor-parallel rank still reports the whole model's)
+        self.shape_config = config  # this process's shapes: fewer heads and features on a tensor-parallel rank
+        self.coordinator: Coordinator | None = None  # set on tensor-parallel ranks
         # On the meta device (the loaders) the random init is skipped: there normal_() imports torch._dynamo,
         # ~70 MB of resident memory. Elsewhere it stays, so seeded training draws the same numbers.
         shape = (config.vocab_size, config.hidden_size)
@@ -49,6 +65,14 @@ class Transformer(nn.Module):
             self._rope_cache = (key, inv_freq, factor)
         return self._rope_cache[1], self._rope_cache[2]
 
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        """An empty KV cache for `batch` rows of `capacity` positions, in this process's shapes and dtype."""
+        return KVCache(self.shape_config, batch, capacity, dtype=self.compute_dtype, device=self.device)
+
+    def agree(self, token: int) -> int:
+        """A sampled token, made the same on every tensor-parallel rank (rank 0's); itself in one process."""
+        return token if self.coordinator is None else self.coordinator.agree(token)
+
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, last_only: bool = False,
                 rows: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, T] -> float32 logits [B, T, vocab] (or [B, 1, vocab] with last_only).
@@ -56,6 +80,15 @@ class Transformer(nn.Module):
         Without a cache this is a full causal forward. With one, row b's tokens continue the sequence in cache row
         `rows[b]` (default: row b) at that row's own length; rows may sit at different positions.
         """
+        if self.coordinator is None:
+            return self.run(tokens, cache, last_only, rows)
+        if cache is not None:  # refused here, before any rank starts a pass that this one would not finish
+            cache.check_room(tokens.shape[1], None if rows is None else torch.as_tensor(rows).reshape(-1))
+        return self.coordinator.forward(self.run, tokens, cache, last_only, rows)
+
+    def run(self, tokens: torch.Tensor, cache: KVCache | None, last_only: bool,
+            rows: torch.Tensor | None) -> torch.Tensor:
+        """The forward pass itself (on a tensor-parallel rank, its collectives must run on every rank at once)."""
         B, T = tokens.shape
         step = None
         if cache is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,6 +62,34 @@ class QuantizedWeight:
         if self.row_order is None:
             return self
         return QuantizedWeight(self.rows(0, self.shape[0]), self.qtype, self.shape)
+
+    def take_rows(self, index: Sequence[int]) -> QuantizedWeight:
+        """Weight rows `index` (in the weight's order) as their own weight: a view of these bytes when they are
+        one contiguous run of the data (as a head range of rope-ordered q/k rows is), else a copy of them."""
+        order = torch.as_tensor(list(index), dtype=torch.int64)
+        phys = order if self.row_order is None else self.row_order[order]
+        n = len(phys)
+        lo = int(phys.min()) if n else 0
+        if n and int(phys.max()) - lo + 1 == n:
+            local = phys - lo
+            identity = bool(torch.equal(local, torch.arange(n)))
+            return QuantizedWeight(self.data.narrow(0, lo, n), self.qtype, (n, self.shape[1]),
+                                   None if identity else local)
+        return QuantizedWeight(self.data.index_select(0, phys), self.qtype, (n, self.shape[1]))
+
+    def column_block_size(self) -> int:
+        return ggml_type(self.qtype).block_size
+
+    def take_columns(self, start: int, stop: int) -> QuantizedWeight:
+        """Input columns [start, stop) of every row: whole GGML blocks only (a copy of those blocks)."""
+        t = ggml_type(self.qtype)
+        if start % t.block_size or stop % t.block_size or not 0 <= start < stop <= self.shape[1]:
+            raise FuselmError(f"{t.name} weight {self.shape}: columns [{start}, {stop}) do not fall on "
+                              f"{t.block_size}-wide block boundaries")
+        rows = self.shape[0]
+        blocks = self.data.reshape(rows, self.shape[1] // t.block_size, t.type_size)
+        data = blocks[:, start // t.block_size: stop // t.block_size].reshape(rows, -1).contiguous()
+        return QuantizedWeight(data, self.qtype, (rows, stop - start), self.row_order)
 
     @classmethod
     def from_numpy(cls, array: np.ndarray, qtype: str, shape: tuple[int, int]) -> QuantizedWeight:

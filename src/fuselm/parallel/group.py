@@ -1,0 +1,110 @@
+"""The ranks of a tensor-parallel model: PyTorch's own process group (gloo on CPU, NCCL on CUDA), joined from
+torchrun's environment or taken as the caller already initialized it, and the few collectives fuselm uses.
+
+A collective that fails (a rank died, or stayed silent past the timeout) raises one RankLost error naming this
+rank, instead of gloo's socket error from deep inside, so every surviving rank exits instead of hanging.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..errors import FuselmError
+
+TIMEOUT_ENV = "FUSELM_TP_TIMEOUT"  # seconds a rank waits in one collective before giving up
+DEFAULT_TIMEOUT_S = 120.0
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+class RankLost(FuselmError):
+    """Another rank stopped answering: it died, or it was silent for longer than the timeout."""
+
+
+def under_torchrun() -> bool:
+    """True in a process that torchrun (or an equivalent launcher) started as one of several ranks."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        raise FuselmError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number") from None
+
+
+def timeout_s() -> float:
+    raw = os.environ.get(TIMEOUT_ENV)
+    if raw is None:
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise FuselmError(f"{TIMEOUT_ENV}={raw!r}: expected a number of seconds > 0")
+    return value
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the ranks; `group` None means the default process group."""
+
+    rank: int
+    world: int
+    group: dist.ProcessGroup | None = None
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum of x over the ranks, in place (x must be contiguous)."""
+        self._call("all_reduce", dist.all_reduce, x, group=self.group)
+        return x
+
+    def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Every rank's x (same shape everywhere) concatenated along `dim`."""
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(self.world)]
+        self._call("all_gather", dist.all_gather, parts, x, group=self.group)
+        return torch.cat(parts, dim=dim)
+
+    def broadcast(self, x: torch.Tensor) -> torch.Tensor:
+        """Rank 0's x, written into x on every rank."""
+        self._call("broadcast", dist.broadcast, x, src=0, group=self.group)
+        return x
+
+    def barrier(self, seconds: float) -> None:
+        """Wait for every rank (gloo names the ranks that did not arrive)."""
+        if dist.get_backend(self.group) == "gloo":
+            self._call("barrier", dist.monitored_barrier, group=self.group,
+                       timeout=datetime.timedelta(seconds=seconds))
+        else:
+            self._call("barrier", dist.barrier, group=self.group)
+
+    def _call(self, what: str, fn, *args, **kwargs) -> None:
+        try:
+            fn(*args, **kwargs)
+        except (RuntimeError, dist.DistBackendError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise RankLost(f"tensor parallel rank {self.rank} of {self.world}: {what} failed, another rank died "
+                           f"or stopped answering (timeout {timeout_s():g} s, {TIMEOUT_ENV}): {first}") from None
+
+
+def join(group: dist.ProcessGroup | None = None) -> Ranks:
+    """The ranks to shard over: `group`, else the default process group when the caller initialized one, else
+    one initialized now from torchrun's environment (gloo on CPU, NCCL when CUDA is available)."""
+    if group is None and not dist.is_initialized():
+        missing = [k for k in TORCHRUN_ENV if k not in os.environ]
+        if missing:
+            raise FuselmError("tensor_parallel=True needs an initialized torch.distributed process group or "
+                              f"torchrun's environment; {', '.join(missing)} not set (launch with torchrun "
+                              "--nproc-per-node N ...)")
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        try:
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s()))
+        except (RuntimeError, ValueError, dist.DistError) as err:
+            raise FuselmError(f"cannot join the tensor-parallel ranks at {os.environ['MASTER_ADDR']}:"
+                              f"{os.environ['MASTER_PORT']} as rank {os.environ['RANK']}: {err}") from None
+    return Ranks(dist.get_rank(group), dist.get_world_size(group), group)
