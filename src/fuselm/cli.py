@@ -120,6 +120,9 @@ def _extra_commands():
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .commands.tensor_parallel import quiet_followers, release_followers
+
+    quiet_followers()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -133,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    finally:
+        release_followers()
 
 
 if __name__ == "__main__":

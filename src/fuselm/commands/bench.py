@@ -49,12 +49,12 @@ def run_bench(model, prompt_tokens: int, gen_tokens: int, repeats: int = 1, seed
 
 
 def cmd_bench(args) -> int:
-    from .. import load
     from ..threads import set_threads
+    from .tensor_parallel import load_for_command
 
     if args.threads:
         set_threads(args.threads)
-    model = load(args.model, dtype=args.dtype)
+    model = load_for_command(args.model, dtype=args.dtype)
     r = run_bench(model, args.prompt_tokens, args.gen_tokens, repeats=args.repeats)
     from ..quants.gemm_dtype import prefill_dtype
     from ..quants.kernel_build import kernel_isa

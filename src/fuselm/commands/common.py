@@ -37,8 +37,8 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def load_model_from_args(args):
-    from .. import load
     from ..threads import set_threads
+    from .tensor_parallel import load_for_command
 
     if args.threads is not None:
         set_threads(args.threads)
@@ -49,7 +49,7 @@ def load_model_from_args(args):
         rope = {"rope_type": args.rope_scaling, "factor": args.rope_factor}
         if args.original_context:
             rope["original_max_position_embeddings"] = args.original_context
-    return load(args.model, dtype=args.dtype, rope_scaling=rope)
+    return load_for_command(args.model, dtype=args.dtype, rope_scaling=rope)
 
 
 def max_tokens_from_args(args, model) -> int:

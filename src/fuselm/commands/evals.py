@@ -9,6 +9,7 @@ import json
 import re
 
 from ..errors import FuselmError
+from .tensor_parallel import load_for_command
 
 HELP = """\
 Offline evaluations on local files. TASK is one of:
@@ -125,7 +126,7 @@ def cmd_passkey(args) -> int:
     method, factor = _method_and_factor(args)
     result = compare_methods(args.model, [method], parse_lengths(args.lengths), factor=factor,
                              original_context=args.original_context, trials=args.trials, seed=args.seed,
-                             style=STYLES[args.style], dtype=args.dtype)
+                             style=STYLES[args.style], dtype=args.dtype, load=load_for_command)
     print(format_table(result.rows, result.original_context), end="")
     if args.json:
         print(json.dumps([{"length": r.length, "factor": r.factor, "accuracy": r.accuracy, "correct": r.correct,
@@ -136,18 +137,17 @@ def cmd_passkey(args) -> int:
 def cmd_ppl(args) -> int:
     from ..evals.compare import CHECKPOINT, original_context_of, rope_scaling_for
     from ..evals.perplexity import encode_text_file, sliding_window_perplexity
-    from ..load import load
 
     _setup(args)
     method, factor = _method_and_factor(args)
     scaling = None
     if method != CHECKPOINT:
-        probe = load(args.model, dtype=args.dtype)
+        probe = load_for_command(args.model, dtype=args.dtype)
         original = args.original_context or original_context_of(probe.config)
         s = factor if factor is not None else max(1.0, args.ctx / original)
         scaling = rope_scaling_for(method, s, original)
         del probe
-    model = load(args.model, dtype=args.dtype, rope_scaling=scaling)
+    model = load_for_command(args.model, dtype=args.dtype, rope_scaling=scaling)
     ids = encode_text_file(model, args.text)
     r = sliding_window_perplexity(model, ids, args.ctx, args.stride, progress=True)
     label = "" if scaling is None else f", rope {method}" + (f" s={scaling['factor']:g}" if method != "none" else "")
@@ -183,7 +183,7 @@ def cmd_compare(args) -> int:
     result = compare_methods(args.model, methods, lengths, factor=parse_factor(args.factor),
                              original_context=args.original_context, trials=args.trials, seed=args.seed,
                              style=STYLES[args.style], text=args.text, stride=args.stride,
-                             passkey=not args.no_passkey, dtype=args.dtype)
+                             passkey=not args.no_passkey, dtype=args.dtype, load=load_for_command)
     rows, original = result.rows, result.original_context
     preamble = (f"# RoPE scaling comparison: {args.model}\n\nfactor: {args.factor} "
                 f"(auto = length / trained length); passkey style: {args.style}; seed {args.seed}"

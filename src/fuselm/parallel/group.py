@@ -75,6 +75,17 @@ class Ranks:
         self._call("broadcast", dist.broadcast, x, src=0, group=self.group)
         return x
 
+    def broadcast_object(self, value=None):
+        """Rank 0's picklable `value` (only ever built by our own rank 0: a command's load request)."""
+        box = [value]
+        self._call("broadcast", dist.broadcast_object_list, box, src=0, group=self.group)
+        return box[0]
+
+    def all_agree(self, ok: bool) -> bool:
+        """True when `ok` holds on every rank."""
+        flag = torch.tensor([0 if ok else 1], dtype=torch.long)
+        return int(self.all_reduce(flag)[0]) == 0
+
     def barrier(self, seconds: float) -> None:
         """Wait for every rank (gloo names the ranks that did not arrive)."""
         if dist.get_backend(self.group) == "gloo":
