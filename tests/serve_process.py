@@ -16,9 +16,12 @@ SERVING = re.compile(r"serving (\S+) on (http://\S+)")
 
 
 class ServerProcess:
-    def __init__(self, *args: str, model: str = "demo", timeout: float = START_TIMEOUT):
+    def __init__(self, *args: str, model: str = "demo", timeout: float = START_TIMEOUT, ranks: int = 1):
         env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", PYTHONUNBUFFERED="1")
-        self.argv = [sys.executable, "-m", "fuselm", "serve", model, "--port", "0", "--threads", "1", *args]
+        launcher = [sys.executable, "-m", "fuselm"] if ranks == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
+            "-m", "fuselm"]
+        self.argv = [*launcher, "serve", model, "--port", "0", "--threads", "1", *args]
         self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                      start_new_session=True)
         self.lines: list[str] = []

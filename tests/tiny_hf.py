@@ -40,13 +40,14 @@ def make_llama(tmp: Path, *, tie: bool = False, kv_heads: int = 2, seed: int = 0
     return tmp
 
 
-def make_chameleon(tmp: Path, *, swin: bool = False, seed: int = 0) -> Path:
+def make_chameleon(tmp: Path, *, swin: bool = False, seed: int = 0, **overrides) -> Path:
     from transformers import ChameleonConfig, ChameleonForConditionalGeneration
 
     torch.manual_seed(seed)
-    cfg = ChameleonConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                          swin_norm=swin, vocabulary_map=chameleon_vocabulary_map(),
+    sizes = {**dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2), **overrides}
+    cfg = ChameleonConfig(vocab_size=VOCAB, max_position_embeddings=256, **sizes, swin_norm=swin,
+                          vocabulary_map=chameleon_vocabulary_map(),
                           vq_config={"embed_dim": 8, "num_embeddings": 16, "base_channels": 32,
                                      "channel_multiplier": [1, 1], "resolution": 16, "latent_channels": 8,
                                      "num_res_blocks": 1, "attn_resolutions": []})
