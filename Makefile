@@ -59,7 +59,7 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -n 2 tests
+	$(BIN)/python -m pytest -n 2 --dist loadgroup tests
 
 # README's picture of the demo page. Needs a Chromium (Debian: apt-get install chromium); not part of demo/test.
 CHROMIUM ?= chromium

@@ -24,6 +24,7 @@ from tp_worker import IDS, sampled_ids
 
 import fuselm
 
+pytestmark = pytest.mark.xdist_group("tensor_parallel")  # one xdist worker: the models and torchrun runs are shared
 WORKER = Path(__file__).with_name("tp_worker.py")
 TIMEOUT = 600
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
