@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..quants.kernel_memory import drop_file_pages
 from ..quants.tensor import QuantizedWeight
 from .plan import ShardPlan, split_ceil
 
@@ -56,9 +57,14 @@ def _rows(w: Weight, index: Sequence[int]) -> Weight:
 
 
 def _columns(w: Weight, cols: range) -> Weight:
+    """These columns: GGML bytes as a strided view (the kernels repack it a few tiles at a time, then drop the
+    file's pages), dense ones as a copy. Reading columns maps in every page of the rows (a page holds pieces of
+    every rank's columns), so the source's file pages are dropped after the copy."""
     if isinstance(w, QuantizedWeight):
         return w.take_columns(cols.start, cols.stop)
-    return w.narrow(1, cols.start, len(cols)).contiguous()
+    piece = w.narrow(1, cols.start, len(cols)).contiguous()
+    drop_file_pages(w)
+    return piece
 
 
 def _heads(heads: Sequence[int], head_dim: int) -> list[int] | range:

@@ -65,13 +65,16 @@ def _never_written(start: int, end: int) -> bool:
 
 
 def drop_file_pages(t: torch.Tensor) -> bool:
-    """Drop t's whole pages from this process's resident set when t views a file mapping. True if done."""
+    """Drop the whole pages t spans from this process's resident set when t views a file mapping (for a strided
+    view, every page from its first element to its last: in a file mapping that is never more than rereading
+    them later). True if done."""
     if not sys.platform.startswith("linux") or t.device.type != "cpu" or t.numel() == 0:
         return False
     page = mmap.PAGESIZE
     addr = t.data_ptr()
+    extent = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))  # a strided view's span
     start = -(-addr // page) * page
-    end = (addr + t.numel() * t.element_size()) // page * page
+    end = (addr + extent * t.element_size()) // page * page
     if end <= start or not _file_mapping(start, end):
         return False
     return _libc().madvise(start, end - start, MADV_DONTNEED) == 0

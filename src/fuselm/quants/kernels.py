@@ -220,7 +220,9 @@ class QuantLinear(nn.Module):
                 if p.row_order is not None:
                     drop_file_pages(p.data)  # read once into its reordered copy
             parts = ordered
-        self.parts = tuple(p if p.data.is_contiguous() else replace(p, data=p.data.contiguous()) for p in parts)
+        # a strided view (a tensor-parallel rank's columns of a file's rows) is repacked a few tiles at a time
+        self.parts = tuple(p if p.data.is_contiguous() or packed else replace(p, data=p.data.contiguous())
+                           for p in parts)
         self._type_id = NATIVE_TYPES.get(self.qtype, -1)
         self._dense: dict[torch.device, torch.Tensor] = {}
         self._w: torch.Tensor | None = None
@@ -272,12 +274,12 @@ class QuantLinear(nn.Module):
         else:
             row0 = 0
             for p in self.parts:
-                if p.row_order is None:
+                if p.row_order is None and p.data.is_contiguous():
                     repack_into(row0, p.data)
-                else:  # reordered rows, gathered a few tiles at a time (no full reordered copy)
+                else:  # reordered or strided rows, gathered a few tiles at a time (no full copy)
                     step = 16 * tile
                     for r in range(0, p.out_features, step):
-                        repack_into(row0 + r, p.rows(r, min(p.out_features, r + step)))
+                        repack_into(row0 + r, p.rows(r, min(p.out_features, r + step)).contiguous())
                 row0 += p.out_features
         self._drop_sources()
         return packed

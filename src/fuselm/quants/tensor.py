@@ -81,15 +81,14 @@ class QuantizedWeight:
         return ggml_type(self.qtype).block_size
 
     def take_columns(self, start: int, stop: int) -> QuantizedWeight:
-        """Input columns [start, stop) of every row: whole GGML blocks only (a copy of those blocks)."""
+        """Input columns [start, stop) of every row: whole GGML blocks only, as a strided view of these bytes."""
         t = ggml_type(self.qtype)
         if start % t.block_size or stop % t.block_size or not 0 <= start < stop <= self.shape[1]:
             raise FuselmError(f"{t.name} weight {self.shape}: columns [{start}, {stop}) do not fall on "
                               f"{t.block_size}-wide block boundaries")
         rows = self.shape[0]
-        blocks = self.data.reshape(rows, self.shape[1] // t.block_size, t.type_size)
-        data = blocks[:, start // t.block_size: stop // t.block_size].reshape(rows, -1).contiguous()
-        return QuantizedWeight(data, self.qtype, (rows, stop - start), self.row_order)
+        begin, end = start // t.block_size * t.type_size, stop // t.block_size * t.type_size
+        return QuantizedWeight(self.data[:, begin:end], self.qtype, (rows, stop - start), self.row_order)
 
     @classmethod
     def from_numpy(cls, array: np.ndarray, qtype: str, shape: tuple[int, int]) -> QuantizedWeight:
