@@ -229,3 +229,19 @@ def test_vqgan_config_checked_before_allocation(tmp_path):
     with pytest.raises(FuselmError, match=r"w\.gguf: tensor .* has shape .*, expected"):
         vqgan_from_state_dict(huge, state, source="w.gguf")
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB
+
+
+def test_gguf_tensor_without_elements(tmp_path):
+    """Fuzz mutant 002416 (seed 11): a tensor dimension set to 0 reached torch's reshape (RuntimeError)."""
+    import struct
+
+    demo = _demo_copy(tmp_path)
+    path = demo / "demo.gguf"
+    raw = bytearray(path.read_bytes())
+    name = b"blk.0.attn_q.weight"
+    at = raw.index(struct.pack("<Q", len(name)) + name) + 8 + len(name)
+    assert struct.unpack_from("<I", raw, at)[0] == 2
+    struct.pack_into("<Q", raw, at + 4 + 8, 0)  # ne1: the rows
+    path.write_bytes(bytes(raw))
+    with pytest.raises(FuselmError, match=r"demo\.gguf: tensor 'blk\.0\.attn_q\.weight' has shape \[0, \d+\]: no elem"):
+        _load_and_generate(path)

@@ -126,6 +126,8 @@ def _read_gguf(src: Path, check: bool, keep_quantized: bool, keep_16bit: bool) -
                           "only the linear weights of a model may be quantized (norms and biases are F32/F16/BF16)")
     tensors: dict[str, torch.Tensor] = {}
     for name, t in gf.tensors.items():
+        if t.data.size == 0:  # legal in the format, never in a model (and ambiguous to reshape)
+            raise FuselmError(f"{src}: tensor {name!r} has shape {list(t.shape)}: no elements")
         if name in as_bytes:  # GGML bytes [rows, row_bytes]: row permutations and splits work on them unchanged
             rows = t.data.shape[0] if t.data.ndim > 1 else 1
             tensors[name] = torch.from_numpy(t.data.view(np.uint8)).reshape(rows, -1)
