@@ -7,6 +7,7 @@ rank, instead of gloo's socket error from deep inside, so every surviving rank e
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from dataclasses import dataclass
@@ -103,6 +104,12 @@ class Ranks:
                            f"or stopped answering (timeout {timeout_s():g} s, {TIMEOUT_ENV}): {first}") from None
 
 
+def leave() -> None:
+    """Close the default process group (if open); a rank calls it once it has nothing left to exchange."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def join(group: dist.ProcessGroup | None = None) -> Ranks:
     """The ranks to shard over: `group`, else the default process group when the caller initialized one, else
     one initialized now from torchrun's environment (gloo on CPU, NCCL when CUDA is available)."""
@@ -118,4 +125,6 @@ def join(group: dist.ProcessGroup | None = None) -> Ranks:
         except (RuntimeError, ValueError, dist.DistError) as err:
             raise FuselmError(f"cannot join the tensor-parallel ranks at {os.environ['MASTER_ADDR']}:"
                               f"{os.environ['MASTER_PORT']} as rank {os.environ['RANK']}: {err}") from None
+        # ours to close: a process group still open when the interpreter exits can abort in its destructor
+        atexit.register(leave)
     return Ranks(dist.get_rank(group), dist.get_world_size(group), group)
