@@ -155,3 +155,60 @@ def test_errors_leave_nothing_and_stale_partials_are_reported(tmp_path, capsys):
     assert clean_stale_partials(tmp_path / "out.bin") == [stale]
     assert f"removed {stale}" in capsys.readouterr().err
     assert live.exists()
+
+
+# `fuselm quantize` of the demo model (a Chameleon with its image tokenizer), stopped at POINT.
+QUANTIZE_CHILD = textwrap.dedent("""
+    import os, sys, time
+    import fuselm
+    from fuselm.formats import atomic, gguf_exact
+    point, out = sys.argv[1], sys.argv[2]
+
+    def pause():
+        print("READY", flush=True)
+        time.sleep(60)
+
+    if point == "tensor-data":
+        real_write, calls = gguf_exact._write_tensor, []
+        def write_tensor(f, t, alignment):
+            calls.append(t)
+            if len(calls) == 3:
+                pause()
+            real_write(f, t, alignment)
+        gguf_exact._write_tensor = write_tensor
+    elif point == "before-rename":
+        real_fsync = atomic._fsync
+        atomic._fsync = lambda p: (pause() if p.name.startswith(".q.gguf") else None, real_fsync(p))
+    elif point == "between-renames":
+        real_replace = os.replace
+        def replace(src, dst):
+            real_replace(src, dst)
+            if str(dst).endswith("-vqgan.gguf"):
+                pause()
+        atomic.os.replace = replace
+    fuselm.quantize_model("demo", out, "Q8_0", progress=False)
+""")
+
+
+@pytest.mark.parametrize("point", ["tensor-data", "before-rename", "between-renames"])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=["TERM", "INT", "KILL"])
+def test_interrupted_quantize(tmp_path, point, signum):
+    """Issue 16: a killed quantize left a .partial file, and its companion was written after the main file."""
+    import fuselm
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), *sys.path])}
+    child = subprocess.Popen([sys.executable, "-c", QUANTIZE_CHILD, point, str(tmp_path / "q.gguf")], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "READY", child.stderr.read()
+    child.send_signal(signum)
+    child.wait(timeout=60)
+    assert child.returncode != 0
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert "q.gguf" not in left  # never a main file without its finished companion
+    if signum != signal.SIGKILL:
+        assert left == [], left
+    else:
+        assert all(n.endswith(".partial") or n == "q-vqgan.gguf" for n in left), left
+    fuselm.quantize_model("demo", tmp_path / "q.gguf", "Q8_0", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q-vqgan.gguf", "q.gguf"]
+    assert fuselm.load(tmp_path / "q.gguf").image_tokenizer is not None

@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +105,22 @@ def _vqgan_plans(path: Path, vq_config: Mapping[str, Any], state_dict: Mapping[s
             raise FuselmError(f"{path}: VQGAN tensor {name!r} must be a float torch tensor")
         plans.append(plan_tensor(name, (t.reshape(1) if t.ndim == 0 else t, keep.get(t.dtype, "F32"))))
     return {VQGAN_CONFIG_KEY: config_json, gguf.Keys.General.NAME: "chameleon vqgan"}, plans
+
+
+def companion_for(model_path: str | os.PathLike, vq_config: Mapping[str, Any],
+                  state_dict: Mapping[str, torch.Tensor]) -> tuple[str, Path, Callable[[Path], None]]:
+    """(pair id, companion path, write(tmp)) of the image tokenizer to commit with the model at `model_path`
+    (put the id in the model's metadata under COMPANION_ID_KEY)."""
+    companion = companion_path(model_path)
+    pair_id = _content_id(vq_config, state_dict)
+    metadata, plans = _vqgan_plans(companion, vq_config, state_dict)
+    metadata[COMPANION_ID_KEY] = pair_id
+    return pair_id, companion, lambda tmp: write_file(tmp, VQGAN_ARCH, metadata, plans, False, companion.name)
+
+
+def remove_stale_companion(model_path: str | os.PathLike) -> None:
+    """A model written without an image tokenizer: remove one an earlier write left beside it."""
+    _remove_stale_companion(Path(model_path))
 
 
 def write_vqgan_gguf(path: str | os.PathLike, vq_config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor],

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import struct
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from tqdm import tqdm
 
 from ..errors import FuselmError
+from .atomic import atomic_set
 
 GGUF_MAGIC = b"GGUF"
 GGUF_VERSION = 3
@@ -138,9 +138,11 @@ def shard_path(path: str | os.PathLike, index: int, count: int) -> Path:
 
 def write_exact(path: str | os.PathLike, metadata: Sequence[KeyValue], tensors: Sequence[TensorOut], *,
                 max_bytes: int | None = None, max_tensors: int | None = None, alignment: int = DEFAULT_ALIGNMENT,
-                progress: bool = True) -> list[Path]:
+                progress: bool = True, companion: tuple[Path, Callable[[Path], None]] | None = None) -> list[Path]:
     """Write one GGUF (or gguf-split shards when a limit is given) atomically: every file appears only when all
-    are complete. Tensors are produced and written one at a time. Returns the paths written."""
+    are complete (formats.atomic: temporary files are removed on errors, SIGTERM and SIGINT, and a killed run's
+    are cleaned by the next). Tensors are produced and written one at a time. `companion` = (path, write(tmp)):
+    a file written first and committed first (Chameleon's image tokenizer). Returns the paths written."""
     names = [k for k, _, _ in metadata]
     if len(set(names)) != len(names):
         raise FuselmError(f"{path}: a metadata key is given twice")
@@ -152,29 +154,22 @@ def write_exact(path: str | os.PathLike, metadata: Sequence[KeyValue], tensors: 
                   (SPLIT_COUNT, "UINT16", len(shards))] for i in range(len(shards))]
     else:
         paths, metas = [Path(path)], [list(metadata)]
-    temps = [p.with_name(f".{p.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial") for p in paths]
+    first = [companion[0]] if companion is not None else []
     try:
-        paths[0].parent.mkdir(parents=True, exist_ok=True)
-        with tqdm(total=sum(t.nbytes for t in tensors), unit="B", unit_scale=True,
-                  desc=f"writing {Path(path).name}", disable=not progress) as bar:
-            for tmp, meta, shard in zip(temps, metas, shards):
-                with open(tmp, "wb") as f:
-                    f.write(header_bytes(meta, shard, alignment))
-                    for t in shard:
-                        _write_tensor(f, t, alignment)
-                        bar.update(t.nbytes)
-                    f.flush()
-                    os.fsync(f.fileno())
-        for tmp, p in zip(temps, paths):
-            os.replace(tmp, p)
+        with atomic_set([*first, *paths]) as temps:
+            if companion is not None:
+                companion[1](temps[0])
+                temps = temps[1:]
+            with tqdm(total=sum(t.nbytes for t in tensors), unit="B", unit_scale=True,
+                      desc=f"writing {Path(path).name}", disable=not progress) as bar:
+                for tmp, meta, shard in zip(temps, metas, shards):
+                    with open(tmp, "wb") as f:
+                        f.write(header_bytes(meta, shard, alignment))
+                        for t in shard:
+                            _write_tensor(f, t, alignment)
+                            bar.update(t.nbytes)
     except OSError as err:
-        for tmp in temps:
-            tmp.unlink(missing_ok=True)
         raise FuselmError(f"{path}: cannot write GGUF ({err.strerror or err})") from None
-    except BaseException:
-        for tmp in temps:
-            tmp.unlink(missing_ok=True)
-        raise
     return paths
 
 

@@ -103,9 +103,18 @@ def quantize_model(src: str | Path, out: str | Path, ftype: str, *, pure: bool =
                                     ("general.file_type", "UINT32", mix.file_type),
                                     *(_typed_override(k, v) for k, v in kv_overrides), *imatrix_keys],
                          remove=_SPLIT_KEYS)
-    write_exact(out, metadata, outs, max_bytes=split_max_bytes, max_tensors=split_max_tensors, progress=progress)
-    if source.vqgan is not None:
-        gguf_format.write_vqgan_gguf(gguf_format.companion_path(out), *source.vqgan)
+    companion = None
+    if source.vqgan is not None:  # committed with the model: companion first, both with the same pair id
+        pair_id, companion_file, write_companion = gguf_format.companion_for(out, *source.vqgan)
+        if (gguf_format.COMPANION_ID_KEY, "STRING", pair_id) not in metadata:  # (a source's own id stays put)
+            metadata = _set_keys(metadata, [(gguf_format.COMPANION_ID_KEY, "STRING", pair_id)])
+        companion = (companion_file, write_companion)
+    else:
+        metadata = _set_keys(metadata, [], remove=[gguf_format.COMPANION_ID_KEY])
+    write_exact(out, metadata, outs, max_bytes=split_max_bytes, max_tensors=split_max_tensors, progress=progress,
+                companion=companion)
+    if companion is None:
+        gguf_format.remove_stale_companion(out)
     return reports, fallback_report(choices)
 
 
