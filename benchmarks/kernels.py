@@ -42,9 +42,10 @@ from gguf import GGMLQuantizationType
 from fuselm.quants import quantize
 from fuselm.quants.gemm_dtype import prefill_dtype
 from fuselm.quants.kernel_build import kernel_isa
-from fuselm.quants.kernels import QuantLinear, set_threads
+from fuselm.quants.kernels import QuantLinear
 from fuselm.quants.mixes import plan_types
 from fuselm.quants.tensor import QuantizedWeight
+from fuselm.threads import set_threads
 
 TYPES = ["F16", "BF16", "Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0", "IQ4_NL", "Q3_K", "Q2_K"]
 SHAPES = [(5632, 2048), (2048, 2048)]

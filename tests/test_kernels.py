@@ -30,8 +30,9 @@ from fuselm.errors import FuselmError
 from fuselm.quants import kernels
 from fuselm.quants.gemm_dtype import prefill_dtype
 from fuselm.quants.kernel_build import kernel_isa, native_library, native_unavailable_reason
-from fuselm.quants.kernels import QuantLinear, set_threads
+from fuselm.quants.kernels import QuantLinear
 from fuselm.quants.tensor import QuantizedWeight
+from fuselm.threads import set_threads
 
 QUANT_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 DENSE_TYPES = ["F16", "BF16", "F32"]

@@ -55,17 +55,6 @@ TILE_BYTES = 8 << 20  # fp16/bf16 weight tile for the prefill GEMM (one reused s
 BACKENDS = ("native", "torch", "dense")
 
 
-def set_threads(n: int) -> None:
-    """Use n threads for torch ops and for fuselm's kernels (they share torch's OpenMP pool)."""
-    if n < 1:
-        raise FuselmError(f"--threads must be at least 1, got {n}")
-    torch.set_num_threads(n)
-    try:
-        torch.set_num_interop_threads(n)
-    except RuntimeError:
-        pass  # torch allows this once, before any inter-op work; the intra-op count above is what matters
-
-
 class _Scratch(threading.local):
     """A growing byte buffer for prefill weight tiles, one per thread, shared by all layers."""
 
