@@ -169,13 +169,13 @@ QUANTIZE_CHILD = textwrap.dedent("""
         time.sleep(60)
 
     if point == "tensor-data":
-        real_write, calls = gguf_exact._write_tensor, []
+        real_write, calls = gguf_exact.write_tensor, []
         def write_tensor(f, t, alignment):
             calls.append(t)
             if len(calls) == 3:
                 pause()
             real_write(f, t, alignment)
-        gguf_exact._write_tensor = write_tensor
+        gguf_exact.write_tensor = write_tensor
     elif point == "before-rename":
         real_fsync = atomic._fsync
         atomic._fsync = lambda p: (pause() if p.name.startswith(".q.gguf") else None, real_fsync(p))

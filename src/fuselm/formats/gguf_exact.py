@@ -85,15 +85,17 @@ def _value_bytes(key: str, type_name: str, value: Any) -> bytes:
         raise FuselmError(f"metadata key {key!r}: cannot write {value!r} as GGUF {type_name} ({err})") from None
 
 
-def header_bytes(metadata: Sequence[KeyValue], tensors: Sequence[TensorOut], alignment: int) -> bytes:
-    """Header, keys and tensor infos, padded to the alignment: what gguf_get_meta_data returns."""
+def header_bytes(metadata: Sequence[KeyValue], tensors: Sequence[TensorOut], alignment: int, *,
+                 keep_dims: bool = False) -> bytes:
+    """Header, keys and tensor infos, padded to the alignment: what gguf_get_meta_data returns. keep_dims writes
+    every dimension of the logical shape (gguf-py's way) instead of ggml_n_dims' (trailing 1s dropped)."""
     parts = [GGUF_MAGIC, struct.pack("<IQQ", GGUF_VERSION, len(tensors), len(metadata))]
     for key, type_name, value in metadata:
         parts += [_string(key), _value_bytes(key, type_name, value)]
     offset = 0
     for t in tensors:
         dims = list(reversed(t.shape))  # torch order -> ggml order (ne0 = row length first)
-        while len(dims) > 1 and dims[-1] == 1:  # ggml_n_dims: trailing ne of 1 are not written
+        while not keep_dims and len(dims) > 1 and dims[-1] == 1:  # ggml_n_dims: trailing ne of 1 are not written
             dims.pop()
         parts += [_string(t.name), struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims,
                                                GGMLQuantizationType[t.type_name], offset)]
@@ -166,14 +168,14 @@ def write_exact(path: str | os.PathLike, metadata: Sequence[KeyValue], tensors: 
                     with open(tmp, "wb") as f:
                         f.write(header_bytes(meta, shard, alignment))
                         for t in shard:
-                            _write_tensor(f, t, alignment)
+                            write_tensor(f, t, alignment)
                             bar.update(t.nbytes)
     except OSError as err:
         raise FuselmError(f"{path}: cannot write GGUF ({err.strerror or err})") from None
     return paths
 
 
-def _write_tensor(f: BinaryIO, t: TensorOut, alignment: int) -> None:
+def write_tensor(f: BinaryIO, t: TensorOut, alignment: int) -> None:
     data = np.ascontiguousarray(t.produce())
     if data.nbytes != t.nbytes:
         raise FuselmError(f"tensor {t.name!r}: produced {data.nbytes} bytes for {t.type_name} {t.shape}, "

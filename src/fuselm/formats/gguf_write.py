@@ -1,5 +1,5 @@
-"""Writing GGUF files with the `gguf` package's writer: metadata values typed, tensors planned (name, GGML type,
-logical shape, byte size) before any byte is written, then streamed one tensor at a time.
+"""Writing model GGUF files from Python values: metadata values typed, tensors planned (name, GGML type, logical
+shape, byte size) before any byte is written, then streamed one tensor at a time by gguf_exact's byte writer.
 
 Tensors are given as (data, type name), where data is a float array/tensor for F32/F16/BF16 and ggml block bytes
 uint8 [rows, row_bytes] for quantized types, or lazily as (callable returning that data, type name, logical shape),
@@ -21,6 +21,7 @@ from gguf import GGMLQuantizationType, GGUFValueType
 from tqdm import tqdm
 
 from ..errors import FuselmError
+from .gguf_exact import DEFAULT_ALIGNMENT, KeyValue, TensorOut, header_bytes, write_tensor
 from .gguf_read import PLAIN_DTYPES, VALUE_TYPE_OF_DTYPE
 
 MAX_NAME_BYTES = 63  # llama.cpp rejects tensor names of GGML_MAX_NAME (64) bytes or more
@@ -160,40 +161,31 @@ def _int_type(values: list[int]) -> GGUFValueType:
     return GGUFValueType.INT32 if lo >= -(2**31) and hi < 2**31 else GGUFValueType.INT64
 
 
-class _Writer(gguf.GGUFWriter):
-    """gguf-py's writer, plus typed empty arrays (a BPE without merges still needs `tokenizer.ggml.merges`, and
-    GGUF, llama.cpp's reader and gguf-py's reader all allow a zero-length array; gguf-py's writer refuses one)."""
-
-    def _pack_val(self, val: Any, vtype: GGUFValueType, add_vtype: bool, sub_type: GGUFValueType | None = None):
-        if vtype == GGUFValueType.ARRAY and sub_type is not None and len(val) == 0:
-            return (self._pack("I", vtype) if add_vtype else b"") + self._pack("I", sub_type) + self._pack("Q", 0)
-        return super()._pack_val(val, vtype, add_vtype, sub_type)
+def typed_metadata(values: Mapping[str, Any]) -> list[KeyValue]:
+    """(key, value type name, value) for every value (typed by typed_value; empty untyped lists are skipped)."""
+    out = []
+    for key, value in values.items():
+        typed = typed_value(key, value)
+        if typed is not None:
+            vtype, item, v = typed
+            out.append((key, f"ARRAY[{item.name}]" if item is not None else vtype.name, v))
+    return out
 
 
 def write_file(path: Path, arch: str, metadata: Mapping[str, Any], plans: list[TensorPlan], progress: bool,
                shown_name: str) -> None:
-    """Write one GGUF to `path` (a temporary file from formats.atomic), one tensor in memory at a time."""
-    writer = _Writer(path, arch)
-    try:
-        for key, value in metadata.items():
-            if key == gguf.Keys.General.ARCHITECTURE:
-                continue  # GGUFWriter writes it first
-            typed = typed_value(key, value)
-            if typed is not None:
-                writer.add_key_value(key, typed[2], typed[0], sub_type=typed[1])
-        for plan in plans:
-            # The gguf writer wants numpy order and a dtype; raw_dtype carries the real GGML type.
-            writer.add_tensor_info(plan.name, plan.shape, np.dtype(np.float32), plan.nbytes, raw_dtype=plan.qtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
+    """Write one GGUF to `path` (a temporary file from formats.atomic), one tensor in memory at a time, with the
+    byte writer of gguf_exact (general.architecture first, every dimension of each shape written)."""
+    arch_key = gguf.Keys.General.ARCHITECTURE
+    keys = [(arch_key, "STRING", arch), *typed_metadata({k: v for k, v in metadata.items() if k != arch_key})]
+    tensors = [TensorOut(p.name, p.qtype.name, p.shape, p.produce) for p in plans]
+    with open(path, "wb") as f:
+        f.write(header_bytes(keys, tensors, DEFAULT_ALIGNMENT, keep_dims=True))
         with tqdm(total=sum(p.nbytes for p in plans), unit="B", unit_scale=True, desc=f"writing {shown_name}",
                   disable=not progress) as bar:
-            for plan in plans:
-                writer.write_tensor_data(plan.produce())
-                bar.update(plan.nbytes)
-    finally:
-        writer.close()
+            for t in tensors:
+                write_tensor(f, t, DEFAULT_ALIGNMENT)
+                bar.update(t.nbytes)
 
 
 def file_type(plans: list[TensorPlan]) -> int:

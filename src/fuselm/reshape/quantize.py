@@ -217,7 +217,7 @@ def _load_imatrix(path: str | Path | None) -> tuple[dict[str, np.ndarray] | None
 
 
 def _hf_metadata(source) -> list[KeyValue]:
-    from ..formats.gguf_write import typed_value  # the writer's own typing of Python values
+    from ..formats.gguf_write import typed_metadata  # the writer's own typing of Python values
 
     config = source.config
     values: dict[str, Any] = {"general.architecture": config.arch}
@@ -226,13 +226,7 @@ def _hf_metadata(source) -> list[KeyValue]:
     values.update(archs.config_to_gguf_metadata(config))
     if source.chat_template:
         values["tokenizer.chat_template"] = source.chat_template
-    out = []
-    for key, value in values.items():
-        typed = typed_value(key, value)
-        if typed is not None:
-            vtype, item, v = typed
-            out.append((key, f"ARRAY[{item.name}]" if item is not None else vtype.name, v))
-    return out
+    return typed_metadata(values)
 
 
 def _set_keys(metadata: list[KeyValue], new: Sequence[KeyValue], remove: Sequence[str] = ()) -> list[KeyValue]:
