@@ -245,3 +245,12 @@ def test_gguf_tensor_without_elements(tmp_path):
     path.write_bytes(bytes(raw))
     with pytest.raises(FuselmError, match=r"demo\.gguf: tensor 'blk\.0\.attn_q\.weight' has shape \[0, \d+\]: no elem"):
         _load_and_generate(path)
+
+
+def test_malformed_image_token_names_the_model(tmp_path):
+    """Fuzz mutant 003043 (seed 11): a flipped byte in an image token's name ('IMGIMGGR...') gave an error that
+    named neither the file nor the model."""
+    from fuselm.vision.vocab import ImageVocab
+
+    with pytest.raises(FuselmError, match=r"m\.gguf: image token 'IMGIMGGRZ': expected IMGIMG<letters A-J>Z"):
+        ImageVocab({"IMGIMGAZ": 5, "IMGIMGGRZ": 6}, source="m.gguf")

@@ -31,11 +31,11 @@ def image_token_name(index: int) -> str:
     return IMAGE_TOKEN_PREFIX + str(index).translate(_DIGIT_TO_LETTER) + "Z"
 
 
-def parse_image_token_name(name: str) -> int:
+def parse_image_token_name(name: str, source: str = "vocab") -> int:
     """Vocab token name -> codebook index; raises on anything that is not `IMGIMG[A-J]+Z`."""
     m = _NAME_RE.fullmatch(name)
     if m is None:
-        raise FuselmError(f"image token {name!r}: expected IMGIMG<letters A-J>Z")
+        raise FuselmError(f"{source}: image token {name!r}: expected IMGIMG<letters A-J>Z")
     return int(m.group(1).translate(_LETTER_TO_DIGIT))
 
 
@@ -49,7 +49,7 @@ class ImageVocab:
         n = len(found)
         if num_embeddings is not None and n != num_embeddings:
             raise FuselmError(f"{source}: {n} image tokens but the VQGAN codebook has {num_embeddings} entries")
-        codes = {name: parse_image_token_name(name) for name in found}
+        codes = {name: parse_image_token_name(name, source) for name in found}
         by_code: dict[int, str] = {}
         for name, code in codes.items():
             if code in by_code:
