@@ -1,9 +1,9 @@
 """Mixed-modal generation: text and images in one token stream (Chameleon, Anole, Lumina-mGPT).
 
-One KV cache holds the sequence. At each begin-of-image, when guidance is on, the guidance rows (Meta: the
-context with its text removed, and `[bos]`; Lumina: nothing before boi) are prefilled and joined in one batch
-with a copy of the main row's cache, left-padded to line up; every image token then costs one batched forward.
-At end-of-image the main row's new positions are copied back and the guidance rows dropped. Nothing is
+One KV cache holds the sequence. At each begin-of-image, when guidance is on, the guidance contexts (Meta: the
+context with its text removed, and `[bos]`; Lumina: nothing before boi) take cache rows of their own and are
+prefilled with the image so far; every image token then costs one batched forward over the main row and them
+(each row attends over its own keys). At end-of-image the guidance rows are released. The main row is never
 re-prefilled at a modality switch (Meta's reference re-prefills the whole context at each switch).
 """
 
