@@ -2,6 +2,7 @@
 process (20 s timeout, 3 GiB address-space limit), and is classified:
 
   OK       loaded and generated            REFUSED  one FuselmError naming the file (or its key/tensor)
+  (a mutant that times out is run again with a 90 s timeout: on shared cores a slow run is often the machine)
   RAW      an exception other than FuselmError escaped (a bug: the signature says where)
   VAGUE    a FuselmError that names neither the mutated file nor the model path
   HANG     still running after the timeout  OOM  MemoryError / allocation failure; BIGMEM: peak RSS over 1 GiB
@@ -18,6 +19,7 @@ not an interpreter start.
 
   python benchmarks/fuzz.py --mutants 300                 # short run: about 3 minutes on 2 cores
   python benchmarks/fuzz.py --mutants 10000 --json r.json  # the long run: about 90 minutes on 2 cores
+  python benchmarks/fuzz.py --recheck /tmp/fuselm-fuzz/found # an earlier run's HANGs again, one at a time
 Measured on 2 shared cores: 1000 mutants in 541 s. Non-OK mutants are kept under WORK/found/NNNNNN-SEED/ with
 RESULT.json, ready to reproduce with `fuselm inspect` or a regression test.
 """
@@ -46,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from fuzz_mutators import mutate  # noqa: E402
 
 TIMEOUT_S = 20
+RETRY_TIMEOUT_S = 90  # a timed-out mutant's second chance
 ADDRESS_SPACE = 3 * 2**30
 BIG_RSS_KB = 2**20  # 1 GiB
 FUSELM = Path(__file__).resolve().parents[1] / "src" / "fuselm"
@@ -171,10 +174,10 @@ def _prepare(seed: Seed, file: str, data: bytes, scratch: Path) -> Path:
     return scratch / seed.load
 
 
-def _child(load_path: Path, mutated: Path, out_fd: int, stack_file: Path) -> None:
+def _child(load_path: Path, mutated: Path, out_fd: int, stack_file: Path, timeout: float) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
     stacks = open(stack_file, "w")  # noqa: SIM115 (open until the process ends)
-    faulthandler.dump_traceback_later(TIMEOUT_S - 3, file=stacks)  # where a HANG is, just before the kill
+    faulthandler.dump_traceback_later(timeout - 3, file=stacks)  # where a HANG is, just before the kill
     import fuselm
     from fuselm.errors import FuselmError
 
@@ -227,30 +230,21 @@ def _hang_site(stack_file: Path) -> dict:
     return {}
 
 
-def run_one(task: tuple) -> dict:
-    index, seed, file, rng_seed, work = task
-    rng = random.Random(rng_seed)
-    raw = (seed.root / file).read_bytes()
-    try:
-        data, what = mutate(seed.root / file, raw, rng)
-    except Exception as err:  # noqa: BLE001 (a mutator bug must not stop the run)
-        return {"index": index, "seed": seed.name, "file": file, "outcome": "SKIP", "message": repr(err)[:200]}
-    scratch = Path(work) / f"scratch-{os.getpid()}"
-    load_path = _prepare(seed, file, data, scratch)
-    stack_file = Path(work) / f"stack-{os.getpid()}.txt"
+def _run_child(load_path: Path, mutated: Path, stack_file: Path, timeout: float) -> tuple[dict, int]:
+    """Load + generate in a forked child: (outcome fields, peak RSS in KiB)."""
     read_fd, write_fd = os.pipe()
     start = time.monotonic()
     pid = os.fork()
     if pid == 0:
         os.close(read_fd)
         try:
-            _child(load_path, scratch / file, write_fd, stack_file)
+            _child(load_path, mutated, write_fd, stack_file, timeout)
         finally:
             os._exit(3)
     os.close(write_fd)
     chunks, timed_out = [], False
     while True:
-        left = TIMEOUT_S - (time.monotonic() - start)
+        left = timeout - (time.monotonic() - start)
         ready, _, _ = select.select([read_fd], [], [], max(left, 0))
         if not ready:
             timed_out = True
@@ -262,8 +256,7 @@ def run_one(task: tuple) -> dict:
         chunks.append(chunk)
     os.close(read_fd)
     _, status, usage = os.wait4(pid, 0)
-    result = {"index": index, "seed": seed.name, "file": file, "mutation": what, "seconds": time.monotonic() - start,
-              "peak_rss_kb": usage.ru_maxrss}
+    result = {"seconds": time.monotonic() - start}
     if timed_out:
         result.update(outcome="HANG", **_hang_site(stack_file))
     elif os.WIFSIGNALED(status):
@@ -272,13 +265,58 @@ def run_one(task: tuple) -> dict:
         result.update(outcome="CRASH", message=f"exit status {os.WEXITSTATUS(status)} without a result")
     else:
         result.update(json.loads(b"".join(chunks)))
-    if result["outcome"] in ("OK", "REFUSED") and usage.ru_maxrss > BIG_RSS_KB:
+    return result, usage.ru_maxrss
+
+
+def _classify(load_path: Path, mutated: Path, stack_file: Path) -> dict:
+    """One mutant's outcome. A timeout is retried once with RETRY_TIMEOUT_S: on 2 shared cores a slow load is
+    often the machine, not the mutant; a HANG is what is still running after the long wait."""
+    result, rss = _run_child(load_path, mutated, stack_file, TIMEOUT_S)
+    if result["outcome"] == "HANG":
+        first = result["seconds"]
+        result, rss = _run_child(load_path, mutated, stack_file, RETRY_TIMEOUT_S)
+        result["first_try_s"] = first
+    result["peak_rss_kb"] = rss
+    if result["outcome"] in ("OK", "REFUSED") and rss > BIG_RSS_KB:
         result["outcome"] = "BIGMEM"
+    return result
+
+
+def run_one(task: tuple) -> dict:
+    index, seed, file, rng_seed, work = task
+    rng = random.Random(rng_seed)
+    raw = (seed.root / file).read_bytes()
+    try:
+        data, what = mutate(seed.root / file, raw, rng)
+    except Exception as err:  # noqa: BLE001 (a mutator bug must not stop the run)
+        return {"index": index, "seed": seed.name, "file": file, "outcome": "SKIP", "message": repr(err)[:200]}
+    scratch = Path(work) / f"scratch-{os.getpid()}"
+    load_path = _prepare(seed, file, data, scratch)
+    stack_file = Path(work) / f"stack-{os.getpid()}.txt"
+    result = {"index": index, "seed": seed.name, "file": file, "mutation": what,
+              **_classify(load_path, scratch / file, stack_file)}
     if result["outcome"] not in ("OK", "REFUSED", "SKIP"):
         keep = Path(work) / "found" / f"{index:06d}-{seed.name}"
         shutil.copytree(scratch, keep, copy_function=shutil.copy, dirs_exist_ok=True)
         (keep / "RESULT.json").write_text(json.dumps(result, indent=1))
     return result
+
+
+def recheck(found: Path, work: Path) -> list[dict]:
+    """Run the kept HANG mutants of an earlier run again (with the retry's long timeout); their new outcomes."""
+    seeds = {s.name: s for s in build_seeds(work)}
+    out = []
+    for result_file in sorted(found.glob("*/RESULT.json")):
+        old = json.loads(result_file.read_text())
+        if old["outcome"] != "HANG":
+            continue
+        folder = result_file.parent
+        load = folder / seeds[old["seed"]].load
+        new, rss = _run_child(load, folder / old["file"], work / "stack-recheck.txt", RETRY_TIMEOUT_S)
+        out.append({**old, "recheck": new["outcome"], "recheck_s": round(new["seconds"], 1),
+                    "recheck_message": new.get("message", "")[:200]})
+        print(f"{folder.name}: HANG -> {new['outcome']} in {new['seconds']:.1f} s", file=sys.stderr)
+    return out
 
 
 # ---------------------------------------------------------------- driver and report
@@ -323,8 +361,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", type=Path, default=Path("/tmp/fuselm-fuzz"), help="seeds, scratch and found/")
     ap.add_argument("--json", type=Path, help="write every result here")
+    ap.add_argument("--recheck", type=Path, metavar="FOUND", help="run the HANG mutants kept in FOUND (an earlier "
+                    f"run's WORK/found) again with a {RETRY_TIMEOUT_S} s timeout, one at a time, and report them")
     args = ap.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.recheck is not None:
+        _warm()
+        rows = recheck(args.recheck, args.work)
+        counts = collections.Counter(r["recheck"] for r in rows)
+        print(f"{len(rows)} HANG mutants rechecked: {dict(counts)}")
+        for r in rows:
+            if r["recheck"] not in ("OK", "REFUSED"):
+                print(f"  #{r['index']} {r['seed']}/{r['file']} {r['mutation'][:60]}: {r['recheck']} "
+                      f"{r['recheck_message']}")
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=0))
+        return 0
     seeds = build_seeds(args.work)
     print("seeds: " + ", ".join(s.name for s in seeds), file=sys.stderr)
     results, start = [], time.monotonic()
