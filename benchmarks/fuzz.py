@@ -19,7 +19,7 @@ not an interpreter start.
 
   python benchmarks/fuzz.py --mutants 300                 # short run: about 3 minutes on 2 cores
   python benchmarks/fuzz.py --mutants 10000 --json r.json  # the long run: about 90 minutes on 2 cores
-  python benchmarks/fuzz.py --recheck /tmp/fuselm-fuzz/found # an earlier run's HANGs again, one at a time
+  python benchmarks/fuzz.py --recheck /tmp/fuselm-fuzz/found # an earlier run's kept mutants, with today's code
 Measured on 2 shared cores: 1000 mutants in 541 s. Non-OK mutants are kept under WORK/found/NNNNNN-SEED/ with
 RESULT.json, ready to reproduce with `fuselm inspect` or a regression test.
 """
@@ -303,19 +303,19 @@ def run_one(task: tuple) -> dict:
 
 
 def recheck(found: Path, work: Path) -> list[dict]:
-    """Run the kept HANG mutants of an earlier run again (with the retry's long timeout); their new outcomes."""
+    """Run every mutant an earlier run kept (its RAW, VAGUE, HANG, ... cases) again with today's code, one at a
+    time and with the retry's long timeout; their new outcomes."""
     seeds = {s.name: s for s in build_seeds(work)}
     out = []
     for result_file in sorted(found.glob("*/RESULT.json")):
         old = json.loads(result_file.read_text())
-        if old["outcome"] != "HANG":
-            continue
         folder = result_file.parent
         load = folder / seeds[old["seed"]].load
         new, rss = _run_child(load, folder / old["file"], work / "stack-recheck.txt", RETRY_TIMEOUT_S)
-        out.append({**old, "recheck": new["outcome"], "recheck_s": round(new["seconds"], 1),
+        outcome = "BIGMEM" if new["outcome"] in ("OK", "REFUSED") and rss > BIG_RSS_KB else new["outcome"]
+        out.append({**old, "recheck": outcome, "recheck_s": round(new["seconds"], 1),
                     "recheck_message": new.get("message", "")[:200]})
-        print(f"{folder.name}: HANG -> {new['outcome']} in {new['seconds']:.1f} s", file=sys.stderr)
+        print(f"{folder.name}: {old['outcome']} -> {outcome} in {new['seconds']:.1f} s", file=sys.stderr)
     return out
 
 
@@ -361,15 +361,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", type=Path, default=Path("/tmp/fuselm-fuzz"), help="seeds, scratch and found/")
     ap.add_argument("--json", type=Path, help="write every result here")
-    ap.add_argument("--recheck", type=Path, metavar="FOUND", help="run the HANG mutants kept in FOUND (an earlier "
-                    f"run's WORK/found) again with a {RETRY_TIMEOUT_S} s timeout, one at a time, and report them")
+    ap.add_argument("--recheck", type=Path, metavar="FOUND", help="run the mutants kept in FOUND (an earlier "
+                    f"run's WORK/found) again with today's code and a {RETRY_TIMEOUT_S} s timeout, one at a time")
     args = ap.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     if args.recheck is not None:
         _warm()
         rows = recheck(args.recheck, args.work)
         counts = collections.Counter(r["recheck"] for r in rows)
-        print(f"{len(rows)} HANG mutants rechecked: {dict(counts)}")
+        before = collections.Counter(r["outcome"] for r in rows)
+        print(f"{len(rows)} kept mutants rechecked: before {dict(before)}, now {dict(counts)}")
         for r in rows:
             if r["recheck"] not in ("OK", "REFUSED"):
                 print(f"  #{r['index']} {r['seed']}/{r['file']} {r['mutation'][:60]}: {r['recheck']} "
