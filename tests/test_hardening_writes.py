@@ -32,27 +32,20 @@ CONFIG = ModelConfig(arch="chameleon", vocab_size=40, hidden_size=32, intermedia
                      bos_token_id=1, eos_token_ids=(2,), norm_eps=1e-5, rope_theta=10000.0, qk_norm=True)
 VQ = ({"embed_dim": 4}, {"quantize.embedding.weight": torch.ones(8, 4)})
 
-# The child writes a model + companion pair and stops at POINT (printing READY) until the parent signals it.
-CHILD = textwrap.dedent("""
-    import os, sys, time, torch
-    from fuselm import archs
-    from fuselm import archs as G
+# Both children stop at POINT (printing READY) until the parent signals them: in the main file's data, just
+# before the renames, or between the companion's rename and the main file's.
+PAUSE_POINTS = textwrap.dedent("""
+    import os, sys, time
     from fuselm.formats import atomic
-    from tests.test_hardening_writes import CONFIG, VQ, tensors
     point, out = sys.argv[1], sys.argv[2]
 
     def pause():
         print("READY", flush=True)
         time.sleep(60)
 
-    plans = tensors()
-    if point == "main-data":
-        name = next(iter(plans))
-        data = plans[name][0]
-        plans[name] = (lambda: (pause(), data)[1], "F32", tuple(data.shape))
-    elif point == "before-rename":
-        real_fsync = atomic._fsync
-        atomic._fsync = lambda p: (pause() if p.name.startswith(".m.gguf") else None, real_fsync(p))
+    if point == "before-rename":
+        real_fsync, main_tmp = atomic._fsync, "." + os.path.basename(out)
+        atomic._fsync = lambda p: (pause() if p.name.startswith(main_tmp) else None, real_fsync(p))
     elif point == "between-renames":
         real_replace = os.replace
         def replace(src, dst):
@@ -60,6 +53,18 @@ CHILD = textwrap.dedent("""
             if str(dst).endswith("-vqgan.gguf"):
                 pause()
         atomic.os.replace = replace
+""")
+
+# The child writes a model + companion pair with archs.write_gguf.
+CHILD = PAUSE_POINTS + textwrap.dedent("""
+    from fuselm import archs as G
+    from tests.test_hardening_writes import CONFIG, VQ, tensors
+
+    plans = tensors()
+    if point == "main-data":
+        name = next(iter(plans))
+        data = plans[name][0]
+        plans[name] = (lambda: (pause(), data)[1], "F32", tuple(data.shape))
     G.write_gguf(out, CONFIG, plans, progress=False, vqgan=VQ)
 """)
 
@@ -70,9 +75,10 @@ def tensors() -> dict[str, tuple]:
     return {n: (t, "F32") for n, t in archs.internal_to_gguf(CONFIG, state).items()}
 
 
-def _interrupt(tmp_path: Path, point: str, signum: int) -> subprocess.CompletedProcess:
+def _interrupt(tmp_path: Path, point: str, signum: int, child_source: str = CHILD,
+               out: str = "m.gguf") -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), *sys.path])}
-    child = subprocess.Popen([sys.executable, "-c", CHILD, point, str(tmp_path / "m.gguf")], env=env,
+    child = subprocess.Popen([sys.executable, "-c", child_source, point, str(tmp_path / out)], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert child.stdout.readline().strip() == "READY", child.stderr.read()
     child.send_signal(signum)
@@ -80,17 +86,20 @@ def _interrupt(tmp_path: Path, point: str, signum: int) -> subprocess.CompletedP
     return child
 
 
-@pytest.mark.parametrize("point", ["main-data", "before-rename", "between-renames"])
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=["TERM", "INT", "KILL"])
-def test_interrupted_pair_write(tmp_path, point, signum):
-    child = _interrupt(tmp_path, point, signum)
+def _interrupted_leaves_nothing(tmp_path: Path, child, stem: str, signum: int) -> None:
     assert child.returncode != 0
     left = sorted(p.name for p in tmp_path.iterdir())
-    assert "m.gguf" not in left  # never a main file without its finished companion
+    assert f"{stem}.gguf" not in left  # never a main file without its finished companion
     if signum != signal.SIGKILL:
         assert left == [], left  # no companion, no .partial: everything removed by the handler
     else:
-        assert all(n.endswith(".partial") or n == "m-vqgan.gguf" for n in left), left
+        assert all(n.endswith(".partial") or n == f"{stem}-vqgan.gguf" for n in left), left
+
+
+@pytest.mark.parametrize("point", ["main-data", "before-rename", "between-renames"])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=["TERM", "INT", "KILL"])
+def test_interrupted_pair_write(tmp_path, point, signum):
+    _interrupted_leaves_nothing(tmp_path, _interrupt(tmp_path, point, signum), "m", signum)
     # the next run cleans what SIGKILL left and commits the pair
     write_gguf(tmp_path / "m.gguf", CONFIG, tensors(), progress=False, vqgan=VQ)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m-vqgan.gguf", "m.gguf"]
@@ -157,18 +166,12 @@ def test_errors_leave_nothing_and_stale_partials_are_reported(tmp_path, capsys):
     assert live.exists()
 
 
-# `fuselm quantize` of the demo model (a Chameleon with its image tokenizer), stopped at POINT.
-QUANTIZE_CHILD = textwrap.dedent("""
-    import os, sys, time
+# `fuselm quantize` of the demo model (a Chameleon with its image tokenizer).
+QUANTIZE_CHILD = PAUSE_POINTS + textwrap.dedent("""
     import fuselm
-    from fuselm.formats import atomic, gguf_exact
-    point, out = sys.argv[1], sys.argv[2]
+    from fuselm.formats import gguf_exact
 
-    def pause():
-        print("READY", flush=True)
-        time.sleep(60)
-
-    if point == "tensor-data":
+    if point == "main-data":
         real_write, calls = gguf_exact.write_tensor, []
         def write_tensor(f, t, alignment):
             calls.append(t)
@@ -176,39 +179,17 @@ QUANTIZE_CHILD = textwrap.dedent("""
                 pause()
             real_write(f, t, alignment)
         gguf_exact.write_tensor = write_tensor
-    elif point == "before-rename":
-        real_fsync = atomic._fsync
-        atomic._fsync = lambda p: (pause() if p.name.startswith(".q.gguf") else None, real_fsync(p))
-    elif point == "between-renames":
-        real_replace = os.replace
-        def replace(src, dst):
-            real_replace(src, dst)
-            if str(dst).endswith("-vqgan.gguf"):
-                pause()
-        atomic.os.replace = replace
     fuselm.quantize_model("demo", out, "Q8_0", progress=False)
 """)
 
 
-@pytest.mark.parametrize("point", ["tensor-data", "before-rename", "between-renames"])
+@pytest.mark.parametrize("point", ["main-data", "before-rename", "between-renames"])
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=["TERM", "INT", "KILL"])
 def test_interrupted_quantize(tmp_path, point, signum):
     """Issue 16: a killed quantize left a .partial file, and its companion was written after the main file."""
     import fuselm
 
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), *sys.path])}
-    child = subprocess.Popen([sys.executable, "-c", QUANTIZE_CHILD, point, str(tmp_path / "q.gguf")], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert child.stdout.readline().strip() == "READY", child.stderr.read()
-    child.send_signal(signum)
-    child.wait(timeout=60)
-    assert child.returncode != 0
-    left = sorted(p.name for p in tmp_path.iterdir())
-    assert "q.gguf" not in left  # never a main file without its finished companion
-    if signum != signal.SIGKILL:
-        assert left == [], left
-    else:
-        assert all(n.endswith(".partial") or n == "q-vqgan.gguf" for n in left), left
+    _interrupted_leaves_nothing(tmp_path, _interrupt(tmp_path, point, signum, QUANTIZE_CHILD, "q.gguf"), "q", signum)
     fuselm.quantize_model("demo", tmp_path / "q.gguf", "Q8_0", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q-vqgan.gguf", "q.gguf"]
     assert fuselm.load(tmp_path / "q.gguf").image_tokenizer is not None
