@@ -28,8 +28,8 @@ pytestmark = pytest.mark.xdist_group("tensor_parallel")  # one xdist worker: the
 WORKER = Path(__file__).with_name("tp_worker.py")
 TIMEOUT = 600
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-FLOAT_MODELS = ["llama-gqa", "chameleon-per-head", "chameleon-g2", "chameleon-g4", "falcon-7b", "falcon-40b",
-                "qwen2-bias"]
+FLOAT_MODELS = ["llama-gqa", "chameleon-per-head", "chameleon-g2", "chameleon-g4", "chameleon-swin", "falcon-7b",
+                "falcon-40b", "qwen2-bias"]
 
 
 def torchrun(ranks: int, *args: str, timeout: float = TIMEOUT, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -48,6 +48,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
     out = {
         "llama-gqa": make_llama(root / "llama", kv_heads=2),
         "chameleon-per-head": make_chameleon(root / "cham", num_attention_heads=8, num_key_value_heads=4),
+        "chameleon-swin": make_chameleon(root / "swin", swin=True, num_attention_heads=8, num_key_value_heads=4),
         "falcon-7b": make_falcon(root / "falcon7"),
         "falcon-40b": make_falcon(root / "falcon40", new_arch=True, bias=True),
         "qwen2-bias": make_qwen2(root / "qwen2"),
