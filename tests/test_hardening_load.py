@@ -254,3 +254,24 @@ def test_malformed_image_token_names_the_model(tmp_path):
 
     with pytest.raises(FuselmError, match=r"m\.gguf: image token 'IMGIMGGRZ': expected IMGIMG<letters A-J>Z"):
         ImageVocab({"IMGIMGAZ": 5, "IMGIMGGRZ": 6}, source="m.gguf")
+
+
+@pytest.mark.parametrize("width", [7, 32768])
+def test_quantized_tensor_disagreeing_with_the_config(tmp_path, width):
+    """Fuzz mutants 003892 / 005107 (seed 11): a feed_forward_length the quantized tensors cannot have gave
+    QuantizedWeight's error, which named neither the file nor the tensor."""
+    import fuselm
+
+    path = tmp_path / "q.gguf"
+    fuselm.quantize_model("demo", path, "Q8_0", progress=False)
+    _set_gguf_key(path, "chameleon.feed_forward_length", width)
+    with pytest.raises(FuselmError, match=r"q\.gguf: tensor 'blk\.0\.ffn_\w+\.weight'"):
+        fuselm.load(path)
+
+
+def test_meta_heads_that_do_not_divide_the_width(tmp_path):
+    """Fuzz mutant 004337 (seed 11): n_heads = 256 over dim 64 reached the rope unpermute (RuntimeError)."""
+    params, shards = _meta_shards(tmp_path, 1)
+    model = _write_meta(tmp_path / "meta", {**params, "n_heads": 256, "n_kv_heads": 256}, shards)
+    with pytest.raises(FuselmError, match=rf"{model}: params\.json: dim 64 does not split into 256 heads"):
+        fuselm.load(model)

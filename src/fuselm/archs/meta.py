@@ -98,6 +98,8 @@ def meta_config(params: Mapping, shards: list[Mapping[str, torch.Tensor]]) -> Mo
     if p.get("use_scaled_rope"):
         raise FuselmError("params.json: use_scaled_rope (Llama 3.1 rope scaling) is not supported for Meta checkpoints;"
                           " convert the HF release instead")
+    if dim % heads or (dim // heads) % 2:
+        raise FuselmError(f"params.json: dim {dim} does not split into {heads} heads of an even width (n_heads)")
     qk_norm = bool(p.get("qk_normalization", False))
     swin = bool(p.get("swin_norm", False))
     if swin and not qk_norm:

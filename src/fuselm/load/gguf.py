@@ -20,18 +20,28 @@ STACKS = {"attn.qkv": ("attn.q", "attn.k", "attn.v"), "mlp.gate_up": ("mlp.gate"
 
 
 def quantized_weights(config: ModelConfig, state: dict[str, torch.Tensor], qtypes: dict[str, str],
-                      row_orders: dict[str, torch.Tensor]):
+                      row_orders: dict[str, torch.Tensor], source: str = "GGUF"):
     """The GGML byte tensors of `state` as QuantizedWeight (shapes checked against the config), removed from it."""
+    from ..quants.ggml_types import row_bytes
     from ..quants.tensor import QuantizedWeight
 
     expected = expected_shapes(config, qk_norm_groups(config, state))
     weights: dict[str, QuantizedWeight] = {}
     for name, qtype in qtypes.items():
-        shape = expected.get(name)
+        shape, gguf_name = expected.get(name), archs.gguf_tensor_name(config, name)
         if shape is None or len(shape) != 2:
-            raise FuselmError(f"tensor {archs.gguf_tensor_name(config, name)!r} is quantized ({qtype}) but is not "
-                              "a 2-D weight of this model")
-        weights[name] = QuantizedWeight(state.pop(name).contiguous(), qtype, shape, row_orders.get(name))
+            raise FuselmError(f"{source}: tensor {gguf_name!r} is quantized ({qtype}) but is not a 2-D weight of "
+                              "this model")
+        data = state.pop(name)
+        try:
+            want = (shape[0], row_bytes(qtype, shape[1]))
+        except FuselmError as err:
+            raise FuselmError(f"{source}: tensor {gguf_name!r}: the config gives it shape {tuple(shape)}, which "
+                              f"{qtype} cannot hold ({err})") from None
+        if tuple(data.shape) != want:
+            raise FuselmError(f"{source}: tensor {gguf_name!r} ({qtype}) holds {tuple(data.shape)} rows x bytes; "
+                              f"the config's shape {tuple(shape)} needs {want}")
+        weights[name] = QuantizedWeight(data.contiguous(), qtype, shape, row_orders.get(name))
     return weights
 
 

@@ -81,7 +81,7 @@ def load(path: str | Path | None = None, *, dtype=None, device: str = "cpu", rop
         # only what enters each quantized dot product. --dtype bfloat16 is the explicit fast mode.
         target = target or torch.float32
     if source.qtypes:
-        weights = quantized_weights(config, state, source.qtypes, source.row_orders)
+        weights = quantized_weights(config, state, source.qtypes, source.row_orders, str(source.path))
     target = target or _default_dtype(state, source.kind)
     display = lambda n: _display_name(source, n)  # noqa: E731
     state = check_state_dict(config, state, str(source.path), display, provided=weights, scan_values=not sharded)
