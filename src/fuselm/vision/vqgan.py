@@ -401,8 +401,9 @@ def vqgan_from_state_dict(
     """Build a VQGAN from our tensor names; the decoder is built only when `decoder.*` tensors are present."""
     has_decoder = any(k.startswith("decoder.") for k in state_dict)
     with torch.device("meta"):  # shapes first: a corrupt config must not allocate a model it then rejects
-        _check_keys(VQGAN(config, decoder=has_decoder), state_dict, source)
-    model = VQGAN(config, decoder=has_decoder)
+        model = VQGAN(config, decoder=has_decoder)
+    _check_keys(model, state_dict, source)
+    model.to_empty(device="cpu")  # every parameter is loaded next: no random initialization to throw away
     model.load_state_dict(dict(state_dict), strict=True)
     return model
 
