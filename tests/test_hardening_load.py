@@ -275,3 +275,14 @@ def test_meta_heads_that_do_not_divide_the_width(tmp_path):
     model = _write_meta(tmp_path / "meta", {**params, "n_heads": 256, "n_kv_heads": 256}, shards)
     with pytest.raises(FuselmError, match=rf"{model}: params\.json: dim 64 does not split into 256 heads"):
         fuselm.load(model)
+
+
+def test_qk_norm_groups_that_do_not_divide_the_heads_name_the_file(tmp_path):
+    """Fuzz mutant 009354 (seed 11): head_count_kv = 2 against 4-row qk-norm weights: the error named no file."""
+    import fuselm
+
+    path = tmp_path / "q.gguf"
+    fuselm.quantize_model("demo", path, "Q8_0", progress=False)
+    _set_gguf_key(path, "chameleon.attention.head_count_kv", 2)
+    with pytest.raises(FuselmError, match=r"q\.gguf: qk-norm weights of shape"):
+        fuselm.load(path)

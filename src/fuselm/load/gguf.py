@@ -25,7 +25,7 @@ def quantized_weights(config: ModelConfig, state: dict[str, torch.Tensor], qtype
     from ..quants.ggml_types import row_bytes
     from ..quants.tensor import QuantizedWeight
 
-    expected = expected_shapes(config, qk_norm_groups(config, state))
+    expected = expected_shapes(config, qk_norm_groups(config, state, source))
     weights: dict[str, QuantizedWeight] = {}
     for name, qtype in qtypes.items():
         shape, gguf_name = expected.get(name), archs.gguf_tensor_name(config, name)

@@ -28,8 +28,9 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
-def qk_norm_groups(config: ModelConfig, state_dict: Mapping[str, torch.Tensor]) -> tuple[int, int] | None:
-    """(q groups, k groups) read from the weights themselves, never assumed."""
+def qk_norm_groups(config: ModelConfig, state_dict: Mapping[str, torch.Tensor],
+                   source: str = "model") -> tuple[int, int] | None:
+    """(q groups, k groups) read from the weights themselves, never assumed (`source` is named in errors)."""
     if not config.qk_norm:
         return None
     q, k = state_dict.get("layers.0.attn.q_norm.weight"), state_dict.get("layers.0.attn.k_norm.weight")
@@ -38,7 +39,7 @@ def qk_norm_groups(config: ModelConfig, state_dict: Mapping[str, torch.Tensor]) 
     qg, kg = int(q.shape[0]), int(k.shape[0])
     if q.ndim != 2 or config.num_attention_heads % qg or config.num_key_value_heads % kg:
         raise FuselmError(
-            f"qk-norm weights of shape {tuple(q.shape)} / {tuple(k.shape)} do not divide "
+            f"{source}: qk-norm weights of shape {tuple(q.shape)} / {tuple(k.shape)} do not divide "
             f"{config.num_attention_heads} query / {config.num_key_value_heads} key heads into groups")
     return qg, kg
 
@@ -51,7 +52,7 @@ def check_state_dict(config: ModelConfig, state_dict: dict[str, torch.Tensor], s
     `provided` names tensors that arrive as ready-made modules (quantized weights) and are checked there.
     scan_values=False leaves the NaN/Inf scan to the caller (a tensor-parallel rank scans only its share).
     """
-    groups = qk_norm_groups(config, state_dict)
+    groups = qk_norm_groups(config, state_dict, source)
     expected = expected_shapes(config, groups)
     provided = set(provided)
     out = dict(state_dict)
