@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 
 START_TIMEOUT = 180  # seconds to load the model and bind
 SERVING = re.compile(r"serving (\S+) on (http://\S+)")
@@ -17,7 +18,8 @@ SERVING = re.compile(r"serving (\S+) on (http://\S+)")
 
 class ServerProcess:
     def __init__(self, *args: str, model: str = "demo", timeout: float = START_TIMEOUT, ranks: int = 1):
-        env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", PYTHONUNBUFFERED="1")
+        self.tag, self.ranks = uuid.uuid4().hex, ranks
+        env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", PYTHONUNBUFFERED="1", **{MARKER: self.tag})
         launcher = [sys.executable, "-m", "fuselm"] if ranks == 1 else [
             sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
             "-m", "fuselm"]
@@ -58,12 +60,41 @@ class ServerProcess:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
+        kill_marked(self.tag)  # torchrun's ranks run in sessions of their own
 
     def __enter__(self) -> ServerProcess:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self.ranks > 1:
+            self.stop(signal.SIGTERM)  # torchrun stops its ranks
         self.kill()
+
+
+MARKER = "FUSELM_TEST_PROCESS"  # in the environment of every process a test starts, to find them all afterwards
+
+
+def marked(tag: str) -> list[int]:
+    """The processes whose environment carries MARKER=tag (a launcher's children included)."""
+    needle, found = f"{MARKER}={tag}".encode(), []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if needle in f.read().split(b"\0"):
+                    found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
+def kill_marked(tag: str) -> None:
+    for pid in marked(tag):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def wait_until(predicate, timeout: float = 30, every: float = 0.1) -> bool:

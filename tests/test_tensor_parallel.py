@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ import openai
 import pytest
 import torch
 from PIL import Image
-from serve_process import ServerProcess
+from serve_process import MARKER, ServerProcess, kill_marked, marked, wait_until
 from tiny_hf import make_chameleon, make_falcon, make_llama, make_qwen2
 from tp_worker import IDS, sampled_ids
 
@@ -34,10 +35,14 @@ FLOAT_MODELS = ["llama-gqa", "chameleon-per-head", "chameleon-g2", "chameleon-g4
 
 def torchrun(ranks: int, *args: str, timeout: float = TIMEOUT, cwd: Path | None = None) -> subprocess.CompletedProcess:
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks), *args]
+    tag = uuid.uuid4().hex
     try:
-        done = subprocess.run(argv, env=ENV, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+        done = subprocess.run(argv, env={**ENV, MARKER: tag}, capture_output=True, text=True, timeout=timeout,
+                              cwd=cwd)
     except subprocess.TimeoutExpired as err:
         raise AssertionError(f"torchrun {args} did not finish in {timeout} s") from err
+    finally:
+        kill_marked(tag)  # the ranks live in sessions of their own: none may outlive the test
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 
@@ -172,6 +177,7 @@ def test_generate_under_torchrun_equals_one_process(tmp_path):
 
 
 def test_serve_under_torchrun_answers_as_one_process():
+    """...and a killed torchrun takes its ranks with it (they run in sessions of their own)."""
     request = dict(model="demo", messages=[{"role": "user", "content": "describe the picture"}], temperature=0,
                    max_tokens=24)
     answers = []
@@ -180,4 +186,8 @@ def test_serve_under_torchrun_answers_as_one_process():
             client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=300)
             answers.append(client.chat.completions.create(**request).choices[0].message.content)
             assert "Traceback" not in server.output
+            if ranks == 2:
+                assert len(marked(server.tag)) == 3  # torchrun and its two ranks
+                server.proc.send_signal(signal.SIGKILL)  # the launcher alone
+                assert wait_until(lambda: not marked(server.tag), timeout=30), marked(server.tag)
     assert answers[0] and answers[0] == answers[1]

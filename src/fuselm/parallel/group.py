@@ -10,6 +10,10 @@ from __future__ import annotations
 import atexit
 import datetime
 import os
+import signal
+import sys
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -104,6 +108,21 @@ class Ranks:
                            f"or stopped answering (timeout {timeout_s():g} s, {TIMEOUT_ENV}): {first}") from None
 
 
+def _exit_with_launcher(every_s: float = 1.0) -> None:
+    """torchrun starts each rank in a session of its own, so a launcher that is killed leaves its ranks running
+    (a server on rank 0 would serve forever): a rank whose launcher is gone ends itself with SIGTERM."""
+    launcher = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == launcher:
+            time.sleep(every_s)
+        print(f"tensor parallel rank {os.environ.get('RANK', '?')}: torchrun (pid {launcher}) is gone; stopping",
+              file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, daemon=True, name="fuselm-tp-launcher-watch").start()
+
+
 def leave() -> None:
     """Close the default process group (if open); a rank calls it once it has nothing left to exchange."""
     if dist.is_initialized():
@@ -127,4 +146,6 @@ def join(group: dist.ProcessGroup | None = None) -> Ranks:
                               f"{os.environ['MASTER_PORT']} as rank {os.environ['RANK']}: {err}") from None
         # ours to close: a process group still open when the interpreter exits can abort in its destructor
         atexit.register(leave)
+        if "TORCHELASTIC_RUN_ID" in os.environ:
+            _exit_with_launcher()
     return Ranks(dist.get_rank(group), dist.get_world_size(group), group)
