@@ -72,7 +72,10 @@ def kept_files(folder: Path, types: list[str], layers: int) -> dict[str, Path]:
 
 
 WORKER = r"""
-import json, sys, time, torch
+import json, sys, time
+if sys.argv[1] == "fuselm":
+    import fuselm  # first, as the CLI does: it sets passive OpenMP waiting before torch loads libgomp
+import torch
 kind, path, threads, n_prompt, n_gen = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 REPEATS = 3  # prompt + decode windows per process; the fastest counts (noise only ever slows a run down)
 def status_mb(key):
