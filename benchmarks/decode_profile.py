@@ -14,7 +14,10 @@ import argparse
 import time
 from collections import defaultdict
 
+# isort: off
+import fuselm  # first, as the CLI does: passive OpenMP waiting is set before torch loads libgomp
 import torch
+# isort: on
 from torch.profiler import ProfilerActivity, profile, record_function
 
 
@@ -26,8 +29,6 @@ def main() -> None:
     ap.add_argument("--dtype", default=None, help="fuselm.load's dtype (default: the loader's)")
     ap.add_argument("--top", type=int, default=15)
     args = ap.parse_args()
-    import fuselm
-    from fuselm.model.cache import KVCache
     from fuselm.quants.kernels import QuantLinear
     from fuselm.threads import set_threads
 
@@ -47,7 +48,7 @@ def main() -> None:
             m.forward = tagged(m)
     prompt = torch.randint(3, model.config.vocab_size - 1, (1, 32), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        cache = KVCache(model.config, 1, 32 + 2 * args.steps + 2, dtype=net.dtype)
+        cache = net.new_cache(1, 32 + 2 * args.steps + 2)
         token = net(prompt, cache=cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
         for _ in range(args.steps):  # warm-up steps
             token = net(token, cache=cache)[:, -1].argmax(-1, keepdim=True)
