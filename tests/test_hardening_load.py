@@ -286,3 +286,13 @@ def test_qk_norm_groups_that_do_not_divide_the_heads_name_the_file(tmp_path):
     _set_gguf_key(path, "chameleon.attention.head_count_kv", 2)
     with pytest.raises(FuselmError, match=r"q\.gguf: qk-norm weights of shape"):
         fuselm.load(path)
+
+
+@pytest.mark.parametrize("field,value", [("dropout", [1, 2]), ("dropout", "x"), ("channel_multiplier", ["a"]),
+                                         ("attn_resolutions", 5), ("double_latent", "yes")])
+def test_vq_config_values_typed(field, value):
+    """Fuzz mutant 000960 (seed 13, final code): vq_config dropout = [1, 2] gave a TypeError from nn.Dropout."""
+    from fuselm.vision.vqgan import VQGANConfig
+
+    with pytest.raises(FuselmError, match=rf"config\.json vq_config: VQGAN config: {field} must be"):
+        VQGANConfig.from_dict({field: value}, source="config.json vq_config")

@@ -64,8 +64,17 @@ class VQGANConfig:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "channel_multiplier", tuple(int(m) for m in self.channel_multiplier))
-        object.__setattr__(self, "attn_resolutions", tuple(int(r) for r in self.attn_resolutions or ()))
+        for name in ("channel_multiplier", "attn_resolutions"):
+            value = getattr(self, name) or ()
+            if not isinstance(value, (list, tuple)) or not all(
+                    isinstance(v, int) and not isinstance(v, bool) for v in value):
+                raise FuselmError(f"VQGAN config: {name} must be a list of integers, got {value!r:.80}")
+            object.__setattr__(self, name, tuple(value))
+        dropout = self.dropout
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise FuselmError(f"VQGAN config: dropout must be a number in [0, 1), got {dropout!r:.80}")
+        if not isinstance(self.double_latent, bool):
+            raise FuselmError(f"VQGAN config: double_latent must be true or false, got {self.double_latent!r:.80}")
         for name in ("embed_dim", "num_embeddings", "latent_channels", "resolution", "in_channels",
                      "out_channels", "base_channels", "num_res_blocks"):
             value = getattr(self, name)
