@@ -114,27 +114,39 @@ void q5_k_block(const float *x, uint8_t *out) {
     }
 }
 
-// ---------------------------------------------------------------- Q6_K
-
-void q6_k_block(const float *x, uint8_t *out) {
-    int8_t L[QK];
-    float scales[16];
-    for (int half = 0; half < 2; ++half) {  // 8 lanes: one AVX2 register per vector
+// Q6_K and Q3_K: the 16 sub-blocks of 16 values searched 8 at a time (one AVX2 register per vector) with
+// `search`; codes into L, each sub-block's scale into scales. Returns the scale of largest magnitude (the first on
+// ties) and that magnitude in *max_abs.
+template <class Search>
+static float sub_block_scales(const float *x, int8_t *L, float *scales, float *max_abs, Search search) {
+    for (int half = 0; half < 2; ++half) {
         VF<8> xt[16];
         VI<8> Lt[16];
         transpose_in<8>(x + 128 * half, 16, xt);
-        const VF<8> scale_v = search_symmetric<8>(16, 32, xt, Lt);
+        const VF<8> scale_v = search(xt, Lt);
         for (int g = 0; g < 8; ++g) {
             const int b = 8 * half + g;
             scales[b] = scale_v[g];
             for (int i = 0; i < 16; ++i) L[16 * b + i] = (int8_t)Lt[i][g];
         }
     }
-    float max_scale = 0, max_abs = 0;
+    float max_scale = 0;
+    *max_abs = 0;
     for (int b = 0; b < 16; ++b) {
         const float a = std::fabs(scales[b]);
-        if (a > max_abs) { max_abs = a; max_scale = scales[b]; }
+        if (a > *max_abs) { *max_abs = a; max_scale = scales[b]; }
     }
+    return max_scale;
+}
+
+// ---------------------------------------------------------------- Q6_K
+
+void q6_k_block(const float *x, uint8_t *out) {
+    int8_t L[QK];
+    float scales[16], max_abs;
+    const float max_scale = sub_block_scales(x, L, scales, &max_abs, [](const VF<8> *xt, VI<8> *Lt) {
+        return search_symmetric<8>(16, 32, xt, Lt);
+    });
     uint8_t *ql = out, *qh = out + 128;
     int8_t *sc = (int8_t *)(out + 192);
     if (max_abs < GROUP_MAX_EPS) {
@@ -225,23 +237,10 @@ void q2_k_block(const float *x, uint8_t *out) {
 
 void q3_k_block(const float *x, uint8_t *out) {
     int8_t L[QK];
-    float scales[16];
-    for (int half = 0; half < 2; ++half) {  // 8 lanes: one AVX2 register per vector
-        VF<8> xt[16];
-        VI<8> Lt[16];
-        transpose_in<8>(x + 128 * half, 16, xt);
-        const VF<8> scale_v = search_q3<8>(16, 4, xt, Lt);
-        for (int g = 0; g < 8; ++g) {
-            const int j = 8 * half + g;
-            scales[j] = scale_v[g];
-            for (int i = 0; i < 16; ++i) L[16 * j + i] = (int8_t)Lt[i][g];
-        }
-    }
-    float max_scale = 0, amax = 0;
-    for (int j = 0; j < 16; ++j) {
-        const float a = std::fabs(scales[j]);
-        if (a > amax) { amax = a; max_scale = scales[j]; }
-    }
+    float scales[16], amax;
+    const float max_scale = sub_block_scales(x, L, scales, &amax, [](const VF<8> *xt, VI<8> *Lt) {
+        return search_q3<8>(16, 4, xt, Lt);
+    });
     uint8_t *hmask = out, *qs = out + 32, *sc = out + 96;
     std::memset(sc, 0, 12);
     if (max_scale != 0.f) {

@@ -97,16 +97,24 @@ VF<N> search_scale_min(int n, int nmax, const VF<N> *x, const VF<N> *w, VI<N> *L
     return flat ? VF<N>{} : scale;
 }
 
+// Per lane: the value of largest magnitude among n (the first one on ties) and, in *amax, its magnitude.
+template <int N> VF<N> signed_max(int n, const VF<N> *x, VF<N> *amax) {
+    VF<N> mx{}, a_max{};
+    for (int i = 0; i < n; ++i) {
+        const VF<N> a = fabs_v<N>(x[i]);
+        const VI<N> bigger = a > a_max;
+        a_max = bigger ? a : a_max;
+        mx = bigger ? x[i] : mx;
+    }
+    *amax = a_max;
+    return mx;
+}
+
 // Signed scale for n values into -nmax..nmax-1 (stored + nmax), weights x^2, 18 trial scales (Q6_K's
 // make_qx_quants with rmse_type 1).
 template <int N> VF<N> search_symmetric(int n, int nmax, const VF<N> *x, VI<N> *L) {
-    VF<N> mx{}, amax{};
-    for (int i = 0; i < n; ++i) {
-        const VF<N> a = fabs_v<N>(x[i]);
-        const VI<N> bigger = a > amax;
-        amax = bigger ? a : amax;
-        mx = bigger ? x[i] : mx;
-    }
+    VF<N> amax;
+    const VF<N> mx = signed_max<N>(n, x, &amax);
     const VI<N> zero = amax < GROUP_MAX_EPS;
     VF<N> iscale = (float)-nmax / mx;
     VF<N> sumlx{}, suml2{};
@@ -143,13 +151,8 @@ template <int N> VF<N> search_symmetric(int n, int nmax, const VF<N> *x, VI<N> *
 // Q3_K's search (make_q3_quants with rmse): from the max scale, move single codes while the weighted fit improves,
 // up to 5 passes; a lane whose pass changes nothing stops, as the scalar loop breaks.
 template <int N> VF<N> search_q3(int n, int nmax, const VF<N> *x, VI<N> *L) {
-    VF<N> mx{}, amax{};
-    for (int i = 0; i < n; ++i) {
-        const VF<N> a = fabs_v<N>(x[i]);
-        const VI<N> bigger = a > amax;
-        amax = bigger ? a : amax;
-        mx = bigger ? x[i] : mx;
-    }
+    VF<N> amax;
+    const VF<N> mx = signed_max<N>(n, x, &amax);
     const VI<N> zero = amax < GROUP_MAX_EPS;
     const VF<N> iscale = (float)-nmax / mx;
     VF<N> sumlx{}, suml2{};
