@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -83,7 +84,7 @@ def load(path: str | Path | None = None, *, dtype=None, device: str = "cpu", rop
     if source.qtypes:
         weights = quantized_weights(config, state, source.qtypes, source.row_orders, str(source.path))
     target = target or _default_dtype(state, source.kind)
-    display = lambda n: _display_name(source, n)  # noqa: E731
+    display = partial(_display_name, source)
     state = check_state_dict(config, state, str(source.path), display, provided=weights, scan_values=not sharded)
     if sharded:
         from .sharded import build_sharded

@@ -36,10 +36,10 @@ def build_sharded(config: ModelConfig, state: dict[str, torch.Tensor], quantized
         if t.is_floating_point() and not all_finite(t):
             raise FuselmError(f"{source}: tensor {display_name(name)!r} contains NaN or Inf values")
     if shard.fallbacks and ranks.leader:
+        name, qtype, block = shard.fallbacks[0]
         print(f"tensor parallel: {len(shard.fallbacks)} weight(s) are split by output rows with a gather, because "
               f"splitting their input over {ranks.world} ranks would cut a GGML block (first: "
-              f"{display_name(shard.fallbacks[0].split(' ')[0])} {shard.fallbacks[0].split(' ', 1)[1]})",
-              file=sys.stderr)
+              f"{display_name(name)}, {qtype}, {block}-wide blocks)", file=sys.stderr)
     modules: dict[str, nn.Module | None] = {}
     for path, (in_widths, out_widths) in shard.gathered.items():
         inner = QuantLinear(shard.quantized.pop(path + ".weight"), _float(shard.state.pop(path + ".bias", None)))

@@ -91,14 +91,6 @@ class Ranks:
         flag = torch.tensor([0 if ok else 1], dtype=torch.long)
         return int(self.all_reduce(flag)[0]) == 0
 
-    def barrier(self, seconds: float) -> None:
-        """Wait for every rank (gloo names the ranks that did not arrive)."""
-        if dist.get_backend(self.group) == "gloo":
-            self._call("barrier", dist.monitored_barrier, group=self.group,
-                       timeout=datetime.timedelta(seconds=seconds))
-        else:
-            self._call("barrier", dist.barrier, group=self.group)
-
     def _call(self, what: str, fn, *args, **kwargs) -> None:
         try:
             fn(*args, **kwargs)

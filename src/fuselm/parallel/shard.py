@@ -45,7 +45,7 @@ class Shard:
     quantized: dict[str, QuantizedWeight]  # this rank's GGML weights
     gathered: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
     # ^ module path split by output rows -> (every rank's input width, every rank's output rows)
-    fallbacks: list[str] = field(default_factory=list)  # "name (TYPE, N-wide blocks)" of those weights
+    fallbacks: list[tuple[str, str, int]] = field(default_factory=list)  # (name, GGML type, block width) of those
 
 
 def _rows(w: Weight, index: Sequence[int]) -> Weight:
@@ -106,7 +106,7 @@ def shard_weights(plan: ShardPlan, state: dict[str, torch.Tensor], quantized: di
                 widths = tuple(len(o_cols) for _ in range(p.world)) if role == "o" else \
                     tuple(len(r) for r in p.ffn_splits)
                 out.gathered[path] = (widths, tuple(len(r) for r in out_rows))
-                out.fallbacks.append(f"{name} ({w.qtype}, {w.column_block_size()}-wide blocks)")
+                out.fallbacks.append((name, w.qtype, w.column_block_size()))
     for name, w in weights.items():
         role = role_of(name)
         if role == "vocab":
