@@ -22,13 +22,13 @@ class Model:
     """A loaded model: `.config`, `.tokenizer`, `.image_tokenizer` (or None), and `model(tokens) -> logits`."""
 
     def __init__(self, transformer: Transformer, tokenizer: Tokenizer | None, *, image_tokenizer=None,
-                 source: str = "", file_type: str = ""):
+                 source: str = "", file_type: str = "", ranks=None):
         self.transformer = transformer
         self.tokenizer = tokenizer
         self.image_tokenizer = image_tokenizer
         self.source = source
         self.file_type = file_type  # e.g. "hf", "gguf Q4_K_M"
-        self.ranks = None  # fuselm.parallel.Ranks of a tensor-parallel model
+        self.ranks = ranks  # fuselm.parallel.Ranks of a tensor-parallel model (None in one process)
 
     @property
     def config(self) -> ModelConfig:
@@ -69,7 +69,8 @@ def load(path: str | Path | None = None, *, dtype=None, device: str = "cpu", rop
 
         ranks = join(group)
     sharded = ranks is not None and ranks.world > 1
-    source = read_source(path, check=not sharded, keep_quantized=not dequantize_all,
+    # checked once, below (with the quantized weights known): read_source's own check would scan every tensor again
+    source = read_source(path, check=False, keep_quantized=not dequantize_all,
                          keep_16bit=not dequantize_all and native_kernels())
     config = source.config
     if rope_scaling is not None:
@@ -98,10 +99,8 @@ def load(path: str | Path | None = None, *, dtype=None, device: str = "cpu", rop
             from ..parallel.lockstep import Together
 
             transformer.coordinator = Together(ranks)
-    model = Model(transformer, _tokenizer(source), image_tokenizer=_image_tokenizer(source),
-                  source=str(source.path), file_type=source.file_type)
-    model.ranks = ranks
-    return model
+    return Model(transformer, _tokenizer(source), image_tokenizer=_image_tokenizer(source),
+                 source=str(source.path), file_type=source.file_type, ranks=ranks)
 
 
 def _display_name(source: ModelSource, name: str) -> str:
