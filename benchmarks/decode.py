@@ -6,8 +6,9 @@ A TinyLlama-1.1B-shape model with random weights (dim 2048, 22 layers, 32/4 head
 vocabulary taken from llama.cpp's models/ggml-vocab-llama-spm.gguf (llama-cpp-python sdist, see the Makefile).
 Files are written with fuselm's own quantizer (bit-exact with llama.cpp's). Every measurement runs in a fresh
 process so that peak RSS is its own; each process times three prompt + decode windows and keeps the fastest.
-Prints prefill tok/s (128-token prompt), decode tok/s (64 tokens, batch 1)
-and peak RSS, each as a fuselm / llama.cpp ratio, and peak RSS over the file size, whole and less the process's
+Prints prefill tok/s (128-token prompt), decode tok/s (64 tokens, batch 1), the decode roofline (the memory
+read bandwidth measured in the same run over the weight bytes one decode step must read) and each engine's share
+of it, and peak RSS, each as a fuselm / llama.cpp ratio, and peak RSS over the file size, whole and less the process's
 resident memory before loading (Python, torch or llama.cpp's library: about 220 MiB for fuselm).
 """
 
@@ -139,6 +140,34 @@ def measure(kind: str, path: Path, threads: int, n_prompt: int, n_gen: int) -> d
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+BANDWIDTH = r"""
+import sys, time
+import fuselm  # passive OpenMP waiting, as in the workers
+import torch
+torch.set_num_threads(int(sys.argv[1]))
+x = torch.ones(1 << 28)  # 1 GiB of float32: far past any cache
+best = float("inf")
+for _ in range(7):
+    t0 = time.perf_counter()
+    x.sum()
+    best = min(best, time.perf_counter() - t0)
+print(x.numel() * 4 / best / 1e9)
+"""
+
+
+def read_bandwidth(threads: int) -> float:
+    """GB/s of a streaming read of 1 GiB with `threads` threads (torch's sum, best of 7), in a fresh process."""
+    out = subprocess.run([sys.executable, "-c", BANDWIDTH, str(threads)], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def bytes_per_token(path: Path) -> int:
+    """Weight bytes one decode step reads: every tensor but the token embedding (one row of it is gathered)."""
+    from fuselm.formats.gguf_read import read_gguf
+
+    return sum(t.data.nbytes for name, t in read_gguf(path).tensors.items() if name != "token_embd.weight")
+
+
 def best_of(runs: list[dict | None]) -> dict | None:
     """Fastest speeds of the runs; memory of the first (it does not change between runs)."""
     runs = [r for r in runs if r]
@@ -175,8 +204,12 @@ def main() -> None:
         if ref:
             print(f"transformers bf16: prefill {ref['prefill_tok_s']:.1f} tok/s, decode {ref['decode_tok_s']:.1f} "
                   f"tok/s, peak RSS {ref['peak_rss_mb']:.0f} MiB", flush=True)
+        bandwidth = read_bandwidth(args.threads)
+        print(f"memory read bandwidth ({args.threads} threads, 1 GiB): {bandwidth:.1f} GB/s; 'roof' = that over the "
+              "weight bytes a decode step reads (all but the token embedding): the decode speed no engine can pass")
         header = (f"{'type':<8} {'file MiB':>9} | {'prefill f/l tok/s':>18} {'ratio':>6} | {'decode f/l tok/s':>17} "
-                  f"{'ratio':>6} | {'RSS f/l MiB':>12} {'ratio':>6} {'RSS/file':>8} {'(RSS-base)/file f/l':>19}")
+                  f"{'ratio':>6} {'roof':>6} {'f/l of roof':>12} | {'RSS f/l MiB':>12} {'ratio':>6} {'RSS/file':>8} "
+                  f"{'(RSS-base)/file f/l':>19}")
         print(header)
         for t in types:
             size = files[t].stat().st_size / 2**20
@@ -187,10 +220,12 @@ def main() -> None:
             ours, theirs = (best_of(r) for r in runs.values())
             if not (ours and theirs):
                 continue
+            roof = bandwidth * 1e9 / bytes_per_token(files[t])
             print(f"{t:<8} {size:>9.0f} | {ours['prefill_tok_s']:>8.1f}/{theirs['prefill_tok_s']:<9.1f} "
                   f"{ours['prefill_tok_s'] / theirs['prefill_tok_s']:>5.2f}x | "
                   f"{ours['decode_tok_s']:>7.1f}/{theirs['decode_tok_s']:<9.1f} "
-                  f"{ours['decode_tok_s'] / theirs['decode_tok_s']:>5.2f}x | "
+                  f"{ours['decode_tok_s'] / theirs['decode_tok_s']:>5.2f}x {roof:>6.1f} "
+                  f"{ours['decode_tok_s'] / roof:>5.2f}/{theirs['decode_tok_s'] / roof:<6.2f} | "
                   f"{ours['peak_rss_mb']:>5.0f}/{theirs['peak_rss_mb']:<6.0f} "
                   f"{ours['peak_rss_mb'] / theirs['peak_rss_mb']:>5.2f}x {ours['peak_rss_mb'] / size:>7.2f} "
                   f"{(ours['peak_rss_mb'] - ours['base_rss_mb']) / size:>10.2f}/"

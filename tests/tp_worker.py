@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 import fuselm
 
+MAX_NEW = 12
 IDS = torch.tensor([[1, 5, 9, 3, 7, 11, 2, 4, 6, 8], [2, 4, 6, 8, 10, 12, 14, 16, 18, 20]])
 
 
@@ -47,7 +48,7 @@ def sampled_ids(model, seed: int | None) -> list[int]:
     from fuselm.generation.sampling import SamplingParams
 
     sampling = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
-    return list(decode_ids(model.transformer, [1, 5, 9], max_new_tokens=12, sampling=sampling, seed=seed))
+    return list(decode_ids(model.transformer, [1, 5, 9], max_new_tokens=MAX_NEW, sampling=sampling, seed=seed))
 
 
 def logits(out: str, paths: list[str]) -> None:
@@ -63,9 +64,14 @@ def logits(out: str, paths: list[str]) -> None:
         cached = torch.cat([prefill, *steps], dim=1)
         seeded = sampled_ids(model, seed=3)
         unseeded = sampled_ids(model, seed=None)  # every rank draws differently: rank 0's tokens must win
-        mine = {"weight_bytes": weight_bytes(model), "rss_growth_kb": peak_rss_kb() - before, "unseeded": unseeded}
-        ranks = [None] * dist.get_world_size()
-        dist.all_gather_object(ranks, mine)
+        # plain tensors, not all_gather_object: see fuselm.parallel.group.Ranks.broadcast_object
+        mine = torch.full((2 + MAX_NEW,), -1, dtype=torch.long)
+        mine[0], mine[1] = weight_bytes(model), peak_rss_kb() - before
+        mine[2:2 + len(unseeded)] = torch.tensor(unseeded, dtype=torch.long)
+        gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, mine)
+        ranks = [{"weight_bytes": int(t[0]), "rss_growth_kb": int(t[1]),
+                  "unseeded": [i for i in t[2:].tolist() if i >= 0]} for t in gathered]
         results[path] = {"full": full, "cached": cached, "seeded": seeded, "ranks": ranks}
         del model
     if dist.get_rank() == 0:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..quants.decode_ops import decode_attend
 from .cache import KVCache, LayerCache
 
 
@@ -51,6 +52,13 @@ class CacheStep:
             crosses_window = window is not None and start + T > window
             if T > 1 or bool((self.pad > 0).any()) or crosses_window:
                 self.mask = visible_keys(start, T, self.pad, window)
+
+    def attend_native(self, layer: LayerCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """One new position per row (T = 1), float32: q [B, H, D], k and v [B, G, D] before RoPE; RoPE, the cache
+        write and attention over each row's own keys in one native call. Returns [B, H * D]."""
+        rows = torch.arange(q.shape[0]) if self.rows is None else self.rows
+        return decode_attend(q, k, v, cos, sin, layer.k, layer.v, rows, self.starts, self.pad, self.window)
 
     def positions(self) -> torch.Tensor:
         """RoPE positions: [T] when every row starts at the same unpadded position, else [B, T]."""

@@ -8,8 +8,11 @@ rank, instead of gloo's socket error from deep inside, so every surviving rank e
 from __future__ import annotations
 
 import atexit
+import collections
+import contextlib
 import datetime
 import os
+import pickle
 import signal
 import sys
 import threading
@@ -51,6 +54,13 @@ def timeout_s() -> float:
     return value
 
 
+# The tensors of the last collectives, kept alive. Gloo's worker thread drops its own references to them a moment
+# after the collective completes; if their Python objects are gone by then, that drop needs the GIL, and when it
+# comes while the interpreter exits the process aborts ("terminate called without an active exception", seen
+# on ranks exiting right after a collective under load).
+_recent: collections.deque = collections.deque(maxlen=16)
+
+
 @dataclass(frozen=True)
 class Ranks:
     """This process's place among the ranks; `group` None means the default process group."""
@@ -81,10 +91,17 @@ class Ranks:
         return x
 
     def broadcast_object(self, value=None):
-        """Rank 0's picklable `value` (only ever built by our own rank 0: a command's load request)."""
-        box = [value]
-        self._call("broadcast", dist.broadcast_object_list, box, src=0, group=self.group)
-        return box[0]
+        """Rank 0's picklable `value` (only ever built by our own rank 0: a command's load request), sent in
+        tensors of our own (dist.broadcast_object_list's view the pickle's Python bytes; see _recent)."""
+        size = torch.zeros(1, dtype=torch.long)
+        if self.leader:
+            payload = torch.frombuffer(bytearray(pickle.dumps(value)), dtype=torch.uint8).clone()
+            size[0] = payload.numel()
+        self._call("broadcast", dist.broadcast, size, src=0, group=self.group)
+        if not self.leader:
+            payload = torch.empty(int(size[0]), dtype=torch.uint8)
+        self._call("broadcast", dist.broadcast, payload, src=0, group=self.group)
+        return value if self.leader else pickle.loads(payload.numpy().tobytes())
 
     def all_agree(self, ok: bool) -> bool:
         """True when `ok` holds on every rank."""
@@ -92,6 +109,7 @@ class Ranks:
         return int(self.all_reduce(flag)[0]) == 0
 
     def _call(self, what: str, fn, *args, **kwargs) -> None:
+        _recent.append(args)
         try:
             fn(*args, **kwargs)
         except (RuntimeError, dist.DistBackendError) as err:
@@ -118,6 +136,8 @@ def _exit_with_launcher(every_s: float = 1.0) -> None:
 def leave() -> None:
     """Close the default process group (if open); a rank calls it once it has nothing left to exchange."""
     if dist.is_initialized():
+        with contextlib.suppress(RuntimeError, dist.DistBackendError):
+            dist.barrier()  # every collective before it is complete on every rank
         dist.destroy_process_group()
 
 

@@ -362,10 +362,38 @@ void linear(const uint8_t* W, int64_t N, int64_t K, const void* x, int bf16, int
 
 // F16 / BF16 rows (not repacked): float32 GEMV, weights widened in registers. Each activation row's sum runs in
 // the same order whatever MR is (batch invariance).
+// One activation row against two weight rows at once: two DRAM streams in flight instead of one (decode is
+// bandwidth-bound), each row summed in exactly dense_rows' order.
+template <bool BF16>
+int64_t dense_row_pairs(const uint16_t* W, int64_t n0, int64_t n1, int64_t K, const float* x, float* y) {
+    const int64_t K16 = K / 16 * 16;
+    if (K16 != K) return n0;  // dense_rows takes them all
+    int64_t n = n0;
+    for (; n + 2 <= n1; n += 2) {
+        const uint16_t* r0 = W + n * K;
+        const uint16_t* r1 = r0 + K;
+        VF a[2][2] = {{f_zero(), f_zero()}, {f_zero(), f_zero()}};
+        for (int64_t k = 0; k < K; k += 16) {
+            if ((k & 31) == 0) {
+                _mm_prefetch((const char*)(r0 + k) + 4096, _MM_HINT_T1);
+                _mm_prefetch((const char*)(r1 + k) + 4096, _MM_HINT_T1);
+            }
+            const VF xv = f_load(x + k);
+            const int j = (k >> 4) & 1;
+            a[0][j] = f_fma(BF16 ? f_bf16s(r0 + k) : f_halfs(r0 + k), xv, a[0][j]);
+            a[1][j] = f_fma(BF16 ? f_bf16s(r1 + k) : f_halfs(r1 + k), xv, a[1][j]);
+        }
+        y[n] = f_sum(f_add(a[0][0], a[0][1]));
+        y[n + 1] = f_sum(f_add(a[1][0], a[1][1]));
+    }
+    return n;
+}
+
 template <bool BF16, int MR>
 void dense_rows(const uint16_t* W, int64_t n0, int64_t n1, int64_t K, const float* x, int64_t ldx, int64_t m0,
                 float* y, int64_t N) {
     const int64_t K16 = K / 16 * 16;
+    if constexpr (MR == 1) n0 = dense_row_pairs<BF16>(W, n0, n1, K, x + m0 * ldx, y + m0 * N);
     for (int64_t n = n0; n < n1; n++) {
         const uint16_t* row = W + n * K;
         VF acc[MR][2];
@@ -432,7 +460,7 @@ void dense_linear(const uint16_t* W, int64_t N, int64_t K, const float* x, int64
 
 extern "C" {
 
-int fq_version() { return 4; }
+int fq_version() { return 5; }
 
 // vector width the library was built for: 512 (AVX-512) or 256 (AVX2)
 int fq_isa() { return FQ_AVX512 ? 512 : 256; }
@@ -491,4 +519,4 @@ int fq_dequant(int type, const uint8_t* W, int64_t n0, int64_t n1, int64_t K, vo
 }
 }
 
-#include "attention.h"  // fq_decode_attention
+#include "decode_step.h"  // fq_rms_norm, fq_silu_mul, fq_decode_attend

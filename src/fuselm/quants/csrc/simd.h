@@ -60,6 +60,15 @@ inline VF f_bf16s(const void* p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 inline float f_sum(VF a) { return _mm512_reduce_add_ps(a); }
+inline float f_max_lane(VF a) { return _mm512_reduce_max_ps(a); }
+inline __m256 half_sum(VF a) { return _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1))); }
+inline VF f_max(VF a, VF b) { return _mm512_max_ps(a, b); }
+inline VF f_min(VF a, VF b) { return _mm512_min_ps(a, b); }
+inline VF f_div(VF a, VF b) { return _mm512_div_ps(a, b); }
+inline VF f_round(VF a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline VF f_pow2i(VF n) {  // 2^n for integral n in [-126, 127]
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
+}
 #else
 struct VI {
     __m256i a, b;
@@ -128,9 +137,35 @@ inline float f_sum(VF x) {
     q = _mm_add_ss(q, _mm_movehdup_ps(q));
     return _mm_cvtss_f32(q);
 }
+inline __m256 half_sum(VF x) { return _mm256_add_ps(x.a, x.b); }
+inline float f_max_lane(VF x) {
+    const __m256 s = _mm256_max_ps(x.a, x.b);
+    __m128 q = _mm_max_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    q = _mm_max_ps(q, _mm_movehl_ps(q, q));
+    q = _mm_max_ss(q, _mm_movehdup_ps(q));
+    return _mm_cvtss_f32(q);
+}
+inline VF f_max(VF x, VF y) { FQ_F2(_mm256_max_ps(x.a, y.a), _mm256_max_ps(x.b, y.b)); }
+inline VF f_min(VF x, VF y) { FQ_F2(_mm256_min_ps(x.a, y.a), _mm256_min_ps(x.b, y.b)); }
+inline VF f_div(VF x, VF y) { FQ_F2(_mm256_div_ps(x.a, y.a), _mm256_div_ps(x.b, y.b)); }
+inline VF f_round(VF x) {
+    FQ_F2(_mm256_round_ps(x.a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
+          _mm256_round_ps(x.b, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+inline __m256 pow2i8(__m256 n) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+}
+inline VF f_pow2i(VF n) { FQ_F2(pow2i8(n.a), pow2i8(n.b)); }  // 2^n for integral n in [-126, 127]
 #undef FQ_I2
 #undef FQ_F2
 #endif
+
+// the sums of four vectors' lanes, as one 4-lane vector (fewer shuffles than four f_sum)
+inline __m128 f_sum4(VF a, VF b, VF c, VF d) {
+    const __m256 ab = _mm256_hadd_ps(half_sum(a), half_sum(b)), cd = _mm256_hadd_ps(half_sum(c), half_sum(d));
+    const __m256 s = _mm256_hadd_ps(ab, cd);  // lanes: a b c d of the low 128 bits, then of the high
+    return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+}
 
 inline float f16_to_f32(uint16_t h) { return _cvtsh_ss(h); }
 
