@@ -142,37 +142,66 @@ Act prep(const void* x, int bf16, int64_t M, int64_t K, int64_t ldx, int off, in
     return a;
 }
 #else
-// The same rounding in scalar code (AVX2 builds): identical h, l, sums.
+// The same rounding on 8-lane AVX2 vectors: identical h, l, sums (nearest-even rounding, as nearbyint and the
+// AVX-512 roundscale).
+inline __m256 load_x8(const void* x, int bf16, int64_t i) {
+    if (bf16) {
+        const __m128i v = _mm_loadu_si128((const __m128i*)((const uint16_t*)x + i));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+    }
+    return _mm256_loadu_ps((const float*)x + i);
+}
+
+inline int32_t hsum8(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    return _mm_cvtsi128_si32(s);
+}
+
+// four 8-lane int32 vectors (elements 0-7, 8-15, 16-23, 24-31) -> 32 int8 in element order
+inline void store_bytes32(int8_t* dst, const __m256i q[4]) {
+    const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+    _mm256_storeu_si256((__m256i*)dst, _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+}
+
 Act prep(const void* x, int bf16, int64_t M, int64_t K, int64_t ldx, int off, int sub) {
     const Act a = act_layout(M, K, sub);
+    const int mode = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256 c127 = _mm256_set1_ps(127.f), cm127 = _mm256_set1_ps(-127.f), c256 = _mm256_set1_ps(256.f);
     for (int64_t m = 0; m < M; m++) {
+        const void* xr = bf16 ? (const void*)((const uint16_t*)x + m * ldx) : (const void*)((const float*)x + m * ldx);
         int8_t* h = a.h + m * a.stride;
         int8_t* l = a.l + m * a.stride;
         float* dal = (float*)((uint8_t*)a.dal + m * a.stride);
         for (int64_t b = 0; b < K / 32; b++) {
-            float xv[32];
-            for (int e = 0; e < 32; e++) {
-                const int64_t i = m * ldx + 32 * b + e;
-                if (bf16) {
-                    const uint32_t u = (uint32_t)((const uint16_t*)x)[i] << 16;
-                    memcpy(xv + e, &u, 4);
-                } else {
-                    xv[e] = ((const float*)x)[i];
-                }
+            __m256 xv[4];
+            __m256 mx = _mm256_setzero_ps();
+            for (int q = 0; q < 4; q++) {
+                xv[q] = load_x8(xr, bf16, 32 * b + 8 * q);
+                mx = _mm256_max_ps(mx, _mm256_and_ps(xv[q], absmask));
             }
-            float amax = 0.f;
-            for (int e = 0; e < 32; e++) amax = std::max(amax, std::fabs(xv[e]));
-            const float d = amax / 127.f, vid = amax > 0.f ? 127.f / amax : 0.f;
+            __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+            m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+            m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+            const float amax = _mm_cvtss_f32(m4);
+            const float d = amax / 127.f;
+            const __m256 vid = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
             dal[b] = d * (1.f / 256.f);
-            int32_t s16[2] = {0, 0};
-            for (int e = 0; e < 32; e++) {
-                const float t = xv[e] * vid;
-                const float hh = std::nearbyint(t);
-                const float ll = std::min(std::max(std::nearbyint((t - hh) * 256.f), -127.f), 127.f);
-                h[32 * b + e] = (int8_t)hh;
-                l[32 * b + e] = (int8_t)ll;
-                s16[e / 16] += 256 * (int32_t)hh + (int32_t)ll;
+            __m256i hi[4], li[4], sum[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+            for (int q = 0; q < 4; q++) {
+                const __m256 t = _mm256_mul_ps(xv[q], vid);
+                const __m256 hh = _mm256_round_ps(t, mode);
+                __m256 ll = _mm256_round_ps(_mm256_mul_ps(_mm256_sub_ps(t, hh), c256), mode);
+                ll = _mm256_min_ps(_mm256_max_ps(ll, cm127), c127);
+                hi[q] = _mm256_cvtps_epi32(hh);
+                li[q] = _mm256_cvtps_epi32(ll);
+                sum[q / 2] = _mm256_add_epi32(sum[q / 2], _mm256_add_epi32(_mm256_slli_epi32(hi[q], 8), li[q]));
             }
+            store_bytes32(h + 32 * b, hi);
+            store_bytes32(l + 32 * b, li);
+            const int32_t s16[2] = {hsum8(sum[0]), hsum8(sum[1])};
             put_sums(a, m, b, s16, off, sub);
         }
     }
