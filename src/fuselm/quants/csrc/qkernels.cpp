@@ -182,10 +182,7 @@ Act prep(const void* x, int bf16, int64_t M, int64_t K, int64_t ldx, int off, in
                 xv[q] = load_x8(xr, bf16, 32 * b + 8 * q);
                 mx = _mm256_max_ps(mx, _mm256_and_ps(xv[q], absmask));
             }
-            __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-            m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-            m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-            const float amax = _mm_cvtss_f32(m4);
+            const float amax = reduce8<MaxOp>(mx);
             const float d = amax / 127.f;
             const __m256 vid = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
             dal[b] = d * (1.f / 256.f);

@@ -130,21 +130,25 @@ inline __m256 bf16x8(const void* p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
 }
 inline VF f_bf16s(const void* p) { FQ_F2(bf16x8(p), bf16x8((const uint8_t*)p + 16)); }
-inline float f_sum(VF x) {
-    const __m256 s = _mm256_add_ps(x.a, x.b);
-    __m128 q = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-    q = _mm_add_ps(q, _mm_movehl_ps(q, q));
-    q = _mm_add_ss(q, _mm_movehdup_ps(q));
+struct AddOp {
+    static __m128 v4(__m128 a, __m128 b) { return _mm_add_ps(a, b); }
+    static __m128 v1(__m128 a, __m128 b) { return _mm_add_ss(a, b); }
+};
+struct MaxOp {
+    static __m128 v4(__m128 a, __m128 b) { return _mm_max_ps(a, b); }
+    static __m128 v1(__m128 a, __m128 b) { return _mm_max_ss(a, b); }
+};
+// Op over the 8 lanes of s: the two 128-bit halves, then within the half
+template <class Op>
+inline float reduce8(__m256 s) {
+    __m128 q = Op::v4(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    q = Op::v4(q, _mm_movehl_ps(q, q));
+    q = Op::v1(q, _mm_movehdup_ps(q));
     return _mm_cvtss_f32(q);
 }
+inline float f_sum(VF x) { return reduce8<AddOp>(_mm256_add_ps(x.a, x.b)); }
 inline __m256 half_sum(VF x) { return _mm256_add_ps(x.a, x.b); }
-inline float f_max_lane(VF x) {
-    const __m256 s = _mm256_max_ps(x.a, x.b);
-    __m128 q = _mm_max_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-    q = _mm_max_ps(q, _mm_movehl_ps(q, q));
-    q = _mm_max_ss(q, _mm_movehdup_ps(q));
-    return _mm_cvtss_f32(q);
-}
+inline float f_max_lane(VF x) { return reduce8<MaxOp>(_mm256_max_ps(x.a, x.b)); }
 inline VF f_max(VF x, VF y) { FQ_F2(_mm256_max_ps(x.a, y.a), _mm256_max_ps(x.b, y.b)); }
 inline VF f_min(VF x, VF y) { FQ_F2(_mm256_min_ps(x.a, y.a), _mm256_min_ps(x.b, y.b)); }
 inline VF f_div(VF x, VF y) { FQ_F2(_mm256_div_ps(x.a, y.a), _mm256_div_ps(x.b, y.b)); }
