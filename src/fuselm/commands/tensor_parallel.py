@@ -14,7 +14,7 @@ import os
 import sys
 
 from ..errors import FuselmError
-from ..parallel import Ranks, follow, join, leading, under_torchrun
+from ..parallel import Ranks, follow, join, leading, leave, under_torchrun
 
 _ranks: Ranks | None = None
 _leading: contextlib.ExitStack | None = None
@@ -81,8 +81,10 @@ def _load_on_every_rank(ranks: Ranks, path: str, options: dict):
 def _follow_commands(ranks: Ranks) -> None:
     while True:
         request = ranks.broadcast_object()
-        if request is None:
-            raise SystemExit(0)
+        if request is None:  # released: close the group, then end without the interpreter's teardown, where a
+            leave()  # gloo thread still letting go of a finished collective can abort the process (seen under load)
+            sys.stderr.flush()
+            os._exit(0)
         path, options = request
         model = _load_on_every_rank(ranks, path, options)
         follow(model.transformer, ranks)

@@ -59,6 +59,7 @@ def timeout_s() -> float:
 # comes while the interpreter exits the process aborts ("terminate called without an active exception", seen
 # on ranks exiting right after a collective under load).
 _recent: collections.deque = collections.deque(maxlen=16)
+_lost = threading.Event()  # a collective failed: at exit, no barrier would be met
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,7 @@ class Ranks:
         try:
             fn(*args, **kwargs)
         except (RuntimeError, dist.DistBackendError) as err:
+            _lost.set()
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise RankLost(f"tensor parallel rank {self.rank} of {self.world}: {what} failed, another rank died "
                            f"or stopped answering (timeout {timeout_s():g} s, {TIMEOUT_ENV}): {first}") from None
@@ -136,8 +138,9 @@ def _exit_with_launcher(every_s: float = 1.0) -> None:
 def leave() -> None:
     """Close the default process group (if open); a rank calls it once it has nothing left to exchange."""
     if dist.is_initialized():
-        with contextlib.suppress(RuntimeError, dist.DistBackendError):
-            dist.barrier()  # every collective before it is complete on every rank
+        if not _lost.is_set():
+            with contextlib.suppress(RuntimeError, dist.DistBackendError):
+                dist.barrier()  # every collective before it is complete on every rank
         dist.destroy_process_group()
 
 
