@@ -70,8 +70,7 @@ def main() -> None:
     types = args.types.split(",")
     ids = torch.randint(3, 31000, (args.tokens,), generator=torch.Generator().manual_seed(1)).tolist()
     with tempfile.TemporaryDirectory() as tmp:
-        files = (decode.kept_files(Path(args.keep), types, args.layers) if args.keep
-                 else decode.make_files(Path(tmp), types, args.layers))
+        files = decode.model_files(types, args.layers, args.keep, Path(tmp))
         print(f"{args.tokens}-token prompt, {args.threads} threads; relative RMS of all logits vs fuselm float32 "
               "(weights dequantized); decode tok/s")
         print(f"{'type':<8} | {'default':>9} {'bfloat16':>9} {'llama.cpp':>9} | {'default tok/s':>13} "

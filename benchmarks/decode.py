@@ -72,6 +72,13 @@ def kept_files(folder: Path, types: list[str], layers: int) -> dict[str, Path]:
     return {k: folder / name for k, name in (line.split(" ", 1) for line in stamp.read_text().splitlines())}
 
 
+def model_files(types: list[str], layers: int, keep: str | None, scratch: Path) -> dict[str, Path]:
+    """The benchmark's model files: kept in (and reused from) `keep` when given, else written into `scratch`."""
+    if not VOCAB.is_file():
+        sys.exit(f"missing {VOCAB}: run `make .venv/llama-sdist/.ok` first")
+    return kept_files(Path(keep), types, layers) if keep else make_files(scratch, types, layers)
+
+
 WORKER = r"""
 import json, sys, time
 if sys.argv[1] == "fuselm":
@@ -189,15 +196,10 @@ def main() -> None:
     parser.add_argument("--keep", default=None, metavar="DIR",
                         help="write the model files into DIR and keep them; reuse them when they are already there")
     args = parser.parse_args()
-    if not VOCAB.is_file():
-        sys.exit(f"missing {VOCAB}: run `make .venv/llama-sdist/.ok` first")
     types = args.types.split(",")
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         t0 = time.perf_counter()
-        if args.keep:
-            files = kept_files(Path(args.keep), types, args.layers)
-        else:
-            files = make_files(Path(tmp), types, args.layers)
+        files = model_files(types, args.layers, args.keep, Path(tmp))
         print(f"model files written in {time.perf_counter() - t0:.0f}s; {args.threads} threads, "
               f"{args.prompt_tokens}-token prompt, {args.gen_tokens} decoded tokens", flush=True)
         ref = measure("transformers", files["hf"], args.threads, args.prompt_tokens, args.gen_tokens)

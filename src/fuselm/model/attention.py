@@ -43,6 +43,7 @@ class CacheStep:
     def __init__(self, cache: KVCache, T: int, rows: torch.Tensor | None, window: int | None):
         self.cache, self.T, self.rows, self.window = cache, T, rows, window
         self.starts = cache.lengths if rows is None else cache.lengths[rows]
+        self.cache_rows = torch.arange(cache.batch) if rows is None else rows  # each batch row's cache row
         self.pad = cache.pad if rows is None else cache.pad[rows]
         same = bool((self.starts == self.starts[0]).all())
         self.uniform = int(self.starts[0]) if same and rows is None else None
@@ -57,8 +58,8 @@ class CacheStep:
                       cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """One new position per row (T = 1), float32: q [B, H, D], k and v [B, G, D] before RoPE; RoPE, the cache
         write and attention over each row's own keys in one native call. Returns [B, H * D]."""
-        rows = torch.arange(q.shape[0]) if self.rows is None else self.rows
-        return decode_attend(q, k, v, cos, sin, layer.k, layer.v, rows, self.starts, self.pad, self.window)
+        return decode_attend(q, k, v, cos, sin, layer.k, layer.v, self.cache_rows, self.starts, self.pad,
+                             self.window)
 
     def positions(self) -> torch.Tensor:
         """RoPE positions: [T] when every row starts at the same unpadded position, else [B, T]."""

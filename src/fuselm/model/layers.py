@@ -11,7 +11,6 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..quants import decode_ops
-from ..quants.decode_ops import native_ready
 from .attention import CacheStep, causal_attention
 from .cache import LayerCache
 from .rope import apply_rope
@@ -26,7 +25,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if native_ready(x) and self.weight.dtype == torch.float32:
+        if decode_ops.native_ready(x) and self.weight.dtype == torch.float32:
             return decode_ops.rms_norm(x, self.weight, self.eps)
         # Statistics in float32, as HF Llama does, then back to the activation dtype before the weight.
         xf = x.float()
@@ -103,7 +102,7 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        if cache is not None and T == 1 and native_ready(q) and cache[1].k.dtype == torch.float32:
+        if cache is not None and T == 1 and decode_ops.native_ready(q) and cache[1].k.dtype == torch.float32:
             step, layer = cache  # one native call: RoPE, the cache write and attention
             out = step.attend_native(layer, q[:, 0], k[:, 0], v[:, 0], cos, sin)
             return self.o(out.view(B, 1, self.n_heads * self.head_dim))
@@ -131,7 +130,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is not None:
             gate_up = self.gate_up(x)
-            if self.swiglu and native_ready(gate_up):
+            if self.swiglu and decode_ops.native_ready(gate_up):
                 return self.down(decode_ops.silu_mul(gate_up))
             gate, up = gate_up.chunk(2, dim=-1)
             return self.down(F.silu(gate) * up)

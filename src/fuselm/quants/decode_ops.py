@@ -26,25 +26,21 @@ def native_ready(x: torch.Tensor) -> bool:
             and native_library() is not None)  # fmt: skip
 
 
-def _contiguous(x: torch.Tensor) -> torch.Tensor:
-    return x if x.is_contiguous() else x.contiguous()
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight * x / sqrt(mean(x^2) + eps) over the last dimension; x and weight float32."""
     d = x.shape[-1]
-    x, w = _contiguous(x), _contiguous(weight)
+    x, w = x.contiguous(), weight.contiguous()
     out = torch.empty_like(x)
-    native_library().fq_rms_norm(x.data_ptr(), w.data_ptr(), x.numel() // d, d, d, eps, out.data_ptr())
+    native_library().fq_rms_norm(x.data_ptr(), w.data_ptr(), x.numel() // d, d, eps, out.data_ptr())
     return out
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for gate_up = [gate, up] along the last dimension; float32."""
     f = gate_up.shape[-1] // 2
-    gate_up = _contiguous(gate_up)
+    gate_up = gate_up.contiguous()
     out = torch.empty(*gate_up.shape[:-1], f, dtype=torch.float32)
-    native_library().fq_silu_mul(gate_up.data_ptr(), gate_up.numel() // (2 * f), f, 2 * f, out.data_ptr())
+    native_library().fq_silu_mul(gate_up.data_ptr(), gate_up.numel() // (2 * f), f, out.data_ptr())
     return out
 
 
@@ -69,11 +65,11 @@ def decode_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.
             and k_cache.shape[1] == G and k_cache.shape[3] == D and rows.shape == starts.shape == pads.shape == (B,)):
         raise FuselmError(f"decode_attend: KV cache {tuple(k_cache.shape)} / {tuple(v_cache.shape)} (contiguous) "
                           f"does not fit k {tuple(k.shape)} and {B} rows")
-    cos, sin = _contiguous(cos), _contiguous(sin)
+    cos, sin = cos.contiguous(), sin.contiguous()
     if cos.shape != sin.shape or cos.numel() not in (cos.shape[-1], B * cos.shape[-1]):
         raise FuselmError(f"decode_attend: cos/sin {tuple(cos.shape)} must hold one table or one per row of {B}")
     ldcs = 0 if cos.numel() == cos.shape[-1] else cos.shape[-1]
-    rows, starts, pads = (_contiguous(t.to(torch.int64)) for t in (rows, starts, pads))
+    rows, starts, pads = (t.to(torch.int64).contiguous() for t in (rows, starts, pads))
     out = torch.empty(B, H * D, dtype=torch.float32)
     rc = native_library().fq_decode_attend(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(0), k.stride(0), v.stride(0), cos.data_ptr(),

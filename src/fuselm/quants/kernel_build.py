@@ -35,7 +35,7 @@ SOURCE = Path(__file__).parent / "csrc" / "qkernels.cpp"
 HEADERS = tuple(sorted((Path(__file__).parent / "csrc").glob("*.h")))
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
 AVX2_ONLY = ["-mno-avx512f"]  # FUSELM_KERNELS=avx2: no AVX-512 code at all, as on an AVX2-only CPU
-ABI_VERSION = 5  # fq_version() of the source this module was written against
+ABI_VERSION = 6  # fq_version() of the source this module was written against
 
 _reason: str | None = None
 
@@ -113,9 +113,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.fq_linear.argtypes = [cint, ptr, i64, i64, ptr, cint, i64, i64, ptr, cint, i64, ptr]
     f32 = ctypes.c_float
     lib.fq_rms_norm.restype = cint
-    lib.fq_rms_norm.argtypes = [ptr, ptr, i64, i64, i64, f32, ptr]
+    lib.fq_rms_norm.argtypes = [ptr, ptr, i64, i64, f32, ptr]
     lib.fq_silu_mul.restype = cint
-    lib.fq_silu_mul.argtypes = [ptr, i64, i64, i64, ptr]
+    lib.fq_silu_mul.argtypes = [ptr, i64, i64, ptr]
     lib.fq_decode_attend.restype = cint
     lib.fq_decode_attend.argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, ptr, i64, i64, ptr, ptr, i64, i64, i64, i64,
                                      ptr, ptr, ptr, i64, i64, i64, i64, i64, f32, ptr]

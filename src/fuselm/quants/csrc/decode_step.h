@@ -35,19 +35,6 @@ inline VF f_exp(VF x) {
     return f_mul(p, f_pow2i(n));
 }
 
-// f(v) on 16 lanes for every element of [0, n): whole vectors in place, the tail through a padded copy
-template <class F>
-inline void map16(float* a, int64_t n, F&& f) {
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) f_store(a + i, f(f_load(a + i)));
-    if (i < n) {
-        alignas(64) float t[16] = {};
-        std::copy(a + i, a + n, t);
-        f_store(t, f(f_load(t)));
-        std::copy(t, t + (n - i), a + i);
-    }
-}
-
 inline float dot(const float* a, const float* b, int64_t n) {
     VF acc = f_zero();
     int64_t i = 0;
@@ -58,10 +45,10 @@ inline float dot(const float* a, const float* b, int64_t n) {
 }
 
 // out[m] = w * (x[m] / sqrt(mean(x[m]^2) + eps)), HF Llama's order of operations
-inline void rms_norm(const float* x, const float* w, int64_t M, int64_t D, int64_t ldx, float eps, float* out) {
+inline void rms_norm(const float* x, const float* w, int64_t M, int64_t D, float eps, float* out) {
 #pragma omp parallel for schedule(static) if (M * D >= (1 << 18))
     for (int64_t m = 0; m < M; m++) {
-        const float* xr = x + m * ldx;
+        const float* xr = x + m * D;
         float* o = out + m * D;
         const float inv = 1.f / sqrtf(dot(xr, xr, D) / (float)D + eps);
         int64_t d = 0;
@@ -71,10 +58,10 @@ inline void rms_norm(const float* x, const float* w, int64_t M, int64_t D, int64
 }
 
 // out[m, i] = silu(g) * u for a row [g (F values), u (F values)] of gu
-inline void silu_mul(const float* gu, int64_t M, int64_t F, int64_t ld, float* out) {
+inline void silu_mul(const float* gu, int64_t M, int64_t F, float* out) {
 #pragma omp parallel for schedule(static) if (M * F >= (1 << 17))
     for (int64_t m = 0; m < M; m++) {
-        const float* g = gu + m * ld;
+        const float* g = gu + m * 2 * F;
         const float* u = g + F;
         float* o = out + m * F;
         int64_t i = 0;
@@ -221,13 +208,15 @@ inline void decode_attend(const Attend& a) {
 
 extern "C" {
 
-int fq_rms_norm(const float* x, const float* w, int64_t M, int64_t D, int64_t ldx, float eps, float* out) {
-    fq::rms_norm(x, w, M, D, ldx, eps, out);
+// x, out [M, D] and w [D], contiguous
+int fq_rms_norm(const float* x, const float* w, int64_t M, int64_t D, float eps, float* out) {
+    fq::rms_norm(x, w, M, D, eps, out);
     return 0;
 }
 
-int fq_silu_mul(const float* gu, int64_t M, int64_t F, int64_t ld, float* out) {
-    fq::silu_mul(gu, M, F, ld, out);
+// gu [M, 2F], out [M, F], contiguous
+int fq_silu_mul(const float* gu, int64_t M, int64_t F, float* out) {
+    fq::silu_mul(gu, M, F, out);
     return 0;
 }
 

@@ -486,7 +486,7 @@ void dense_linear(const uint16_t* W, int64_t N, int64_t K, const float* x, int64
 
 extern "C" {
 
-int fq_version() { return 5; }
+int fq_version() { return 6; }
 
 // vector width the library was built for: 512 (AVX-512) or 256 (AVX2)
 int fq_isa() { return FQ_AVX512 ? 512 : 256; }
